@@ -1,0 +1,214 @@
+"""The gateway application: middleware order, lifespan, and the request pipeline.
+
+request id -> authentication -> canonicalise (path, query, body) -> route table (deny by default)
+-> policy request steps -> forward upstream -> policy response steps (buffered responses only)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.auth.jwt import TokenVerifier
+from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, PermissionDenied, Unauthenticated
+from gateway.http.canonical import (
+    canonical_path,
+    dump_json,
+    normalise_field_names,
+    parse_json_object,
+    parse_query,
+)
+from gateway.http.forward import encode_query, send_upstream_response, upstream_headers
+from gateway.http.upstream import UpstreamClient
+from gateway.middleware import AuthenticationMiddleware, RequestIdMiddleware, send_error
+from gateway.policy.core import Body, Deny, Exchange, Local, Policy, Services
+from gateway.policy.ownership import Ownership
+from gateway.policy.router import RouteTable
+from gateway.policy.table import TABLE
+from gateway.settings import Settings
+
+logger = logging.getLogger("gateway")
+
+PUBLIC_PREFIXES = ("/static-files/", "/build/")
+PUBLIC_PATHS = frozenset({"/health", "/ready"})
+
+
+def is_public_path(path: str) -> bool:
+    """Paths served without a token: liveness, readiness and the static UI bundle."""
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+class Gateway:
+    """The innermost ASGI app: canonicalise, look up the route, run the policy, forward."""
+
+    def __init__(self, settings: Settings, table: RouteTable = TABLE) -> None:
+        self.settings = settings
+        self.table = table
+        self.services: Services | None = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: Any = None) -> AsyncIterator[None]:
+        """Create the shared upstream client and caches; close them on shutdown."""
+        upstream = UpstreamClient(
+            self.settings.upstream_url,
+            connect_timeout=self.settings.upstream_connect_timeout,
+            timeout=self.settings.upstream_timeout,
+            pool_size=self.settings.upstream_pool_size,
+        )
+        await upstream.start()
+        self.services = Services(
+            settings=self.settings,
+            upstream=upstream,
+            ownership=Ownership(upstream, max_size=self.settings.cache_size),
+        )
+        try:
+            yield
+        finally:
+            await upstream.close()
+            self.services = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _run_lifespan(self, receive, send)
+            return
+        if scope["type"] != "http":  # websockets: MLflow has none
+            return
+        state = scope.setdefault("state", {})
+        request_id: str = state.get("request_id", "-")
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self._handle(scope, receive, tracking_send, request_id)
+        except GatewayError as error:
+            if started:
+                raise
+            await send_error(send, error, request_id=request_id)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+        services = self.services
+        if services is None:
+            raise GatewayError("Gateway is not started")
+        method: str = scope["method"]
+        path = canonical_path(scope.get("raw_path") or scope["path"].encode("utf-8"))
+        match = self.table.match(method, path)
+        if match is None:
+            raise PermissionDenied(f"{method} {path} is not an endpoint the gateway allows")
+        action = match.route.action
+        if isinstance(action, Deny):
+            raise action.error()
+        if isinstance(action, Local):
+            await self._local(action, services, send)
+            return
+        principal = scope["state"].get("principal")
+        if action.authenticated and principal is None:
+            raise Unauthenticated("Authentication required: send 'Authorization: Bearer <token>'")
+        query = parse_query(scope.get("query_string", b""))
+        raw_body = await _read_body(receive, limit=self.settings.max_json_body_bytes)
+        body = _parse_body(action, method, raw_body)
+        ex = Exchange(
+            principal=principal,
+            method=method,
+            path=path,
+            path_params=match.params,
+            query=query,
+            body=body,
+            services=services,
+            request_id=request_id,
+        )
+        for step in action.request:
+            await step(ex)
+        await self._forward(scope, ex, action, send)
+
+    async def _forward(self, scope: Scope, ex: Exchange, policy: Policy, send: Send) -> None:
+        assert self.services is not None
+        content = dump_json(ex.body) if ex.body is not None else None
+        headers = upstream_headers(scope, ex, content_type="application/json" if content is not None else None)
+        target = ex.path + (f"?{encode_query(ex.query)}" if ex.query else "")
+        response = await self.services.upstream.send(ex.method, target, headers=headers, body=content)
+        try:
+            await send_upstream_response(ex, policy, response, send)
+        finally:
+            response.close()
+
+    async def _local(self, action: Local, services: Services, send: Send) -> None:
+        status, payload = 200, {"status": "ok"}
+        if action.name == "ready":
+            try:
+                response = await services.upstream.send("GET", "/health", headers={"accept": "*/*"})
+                await response.read()
+                ready = response.status == 200
+            except GatewayError:
+                ready = False
+            status, payload = (200, {"status": "ready"}) if ready else (503, {"status": "upstream unavailable"})
+        body = orjson.dumps(payload)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"cache-control", b"no-store")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def _parse_body(policy: Policy, method: str, raw: bytes) -> dict[str, Any] | None:
+    if policy.body is Body.NONE:
+        if raw.strip():
+            raise BadRequest(f"A {method} request to this endpoint must not carry a body")
+        return None
+    return normalise_field_names(parse_json_object(raw))
+
+
+async def _read_body(receive: Receive, *, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise BadRequest("Client disconnected")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"Request body exceeds {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _run_lifespan(gateway: Gateway, receive: Receive, send: Send) -> None:
+    message = await receive()
+    assert message["type"] == "lifespan.startup"
+    try:
+        async with gateway.lifespan():
+            await send({"type": "lifespan.startup.complete"})
+            message = await receive()
+            assert message["type"] == "lifespan.shutdown"
+    except Exception as exc:  # startup failure must be reported, not swallowed
+        logger.exception("gateway startup failed")
+        await send({"type": "lifespan.startup.failed", "message": str(exc)})
+        return
+    await send({"type": "lifespan.shutdown.complete"})
+
+
+def create_app(settings: Settings, *, table: RouteTable = TABLE) -> ASGIApp:
+    """The whole gateway as one ASGI app; the middleware order is declared here, once."""
+    gateway = Gateway(settings, table)
+    verifier = TokenVerifier.from_settings(settings)
+    stack: list[Callable[[ASGIApp], ASGIApp]] = [
+        RequestIdMiddleware,
+        lambda app: AuthenticationMiddleware(app, verifier=verifier, is_public=is_public_path),
+    ]
+    app: ASGIApp = gateway
+    for wrap in reversed(stack):
+        app = wrap(app)
+    return app

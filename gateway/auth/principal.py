@@ -1,0 +1,30 @@
+"""The identity of one request, taken from a verified token and from nothing else."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Tenant ids are restricted to what is safe inside names, S3 keys and MLflow LIKE patterns:
+# `_` and `%` are LIKE wildcards and MLflow has no ESCAPE, `.` is the registry-name separator.
+TENANT_ID_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: one frozen value per request, built by the authenticator."""
+
+    tenant: str
+    user: str
+    roles: frozenset[str] = frozenset()
+    job: str | None = None
+    issuer: str | None = None
+
+    def has_role(self, role: str) -> bool:
+        """True when the token grants ``role``."""
+        return role in self.roles
+
+
+def is_valid_tenant_id(tenant: str) -> bool:
+    """True for a tenant id the gateway can use safely as a name prefix."""
+    return bool(TENANT_ID_PATTERN.fullmatch(tenant))

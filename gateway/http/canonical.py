@@ -1,0 +1,150 @@
+"""Strict request parsing: path, query and JSON body in one canonical form, or a 400.
+
+MLflow parses loosely (it percent-decodes paths, reads a JSON body on a GET with no query, takes the
+last of duplicate JSON keys, decodes a JSON string that contains JSON twice, and accepts camelCase
+aliases). The gateway parses strictly, checks the parsed form, and forwards only what it
+re-serialised, so no parser differential between the gateway and MLflow can be exploited.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from gateway.errors import BadRequest
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_PERCENT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+_ENCODED_SEPARATOR = re.compile(rb"%(2[fF]|5[cC])")
+_CAMEL_HUMP = re.compile(r"(?<=[a-z0-9])([A-Z])")
+
+Query = dict[str, list[str]]
+JsonObject = dict[str, Any]
+
+
+def canonical_path(raw_path: bytes) -> str:
+    """Decode a request path exactly once and refuse every ambiguous form.
+
+    Refused: encoded ``/`` or ``\\``, a second layer of percent-encoding (``%252F``), empty segments
+    (``//``), dot segments, backslashes, control characters and invalid UTF-8. What remains maps to
+    one route and one object, whatever decoder sits upstream.
+    """
+    if not raw_path.startswith(b"/"):
+        raise BadRequest("Request path must be absolute")
+    if _ENCODED_SEPARATOR.search(raw_path):
+        raise BadRequest("Encoded path separators are not allowed")
+    try:
+        path = unquote_to_bytes(raw_path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("Request path is not valid UTF-8") from None
+    if _PERCENT_ESCAPE.search(path):
+        raise BadRequest("Request path is percent-encoded more than once")
+    if _CONTROL.search(path) or "\\" in path:
+        raise BadRequest("Request path contains forbidden characters")
+    segments = path.split("/")[1:]
+    # A trailing slash is one empty last segment (MLflow has `/ajax-api/3.0/jobs/`); any other empty
+    # segment is a `//`.
+    inner = segments[:-1] if segments and segments[-1] == "" else segments
+    for segment in inner:
+        if segment in ("", ".", ".."):
+            raise BadRequest("Request path contains empty or dot segments")
+    return path
+
+
+def parse_query(raw_query: bytes) -> Query:
+    """Parse a query string into ``{key: [values...]}``; malformed escapes or UTF-8 are a 400.
+
+    Which keys may repeat depends on the route and is checked by :func:`single_value`.
+    """
+    query: Query = {}
+    if not raw_query:
+        return query
+    for part in raw_query.split(b"&"):
+        if not part:
+            continue
+        key_raw, _, value_raw = part.partition(b"=")
+        key = _decode_query_component(key_raw)
+        value = _decode_query_component(value_raw)
+        if not key:
+            raise BadRequest("Query string has an empty parameter name")
+        query.setdefault(key, []).append(value)
+    return query
+
+
+def _decode_query_component(raw: bytes) -> str:
+    try:
+        text = unquote_to_bytes(raw.replace(b"+", b" ")).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("Query string is not valid UTF-8") from None
+    if "\x00" in text:
+        raise BadRequest("Query string contains a NUL character")
+    return text
+
+
+def single_value(query: Query, key: str) -> str | None:
+    """The one value of a scalar query parameter; a repeated scalar is ambiguous, hence a 400."""
+    values = query.get(key)
+    if values is None:
+        return None
+    if len(values) != 1:
+        raise BadRequest(f"Query parameter '{key}' must be given once")
+    return values[0]
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> JsonObject:
+    result: JsonObject = {}
+    for key, value in pairs:
+        if key in result:
+            raise BadRequest(f"Duplicate JSON key '{key}'")
+        result[key] = value
+    return result
+
+
+def parse_json_object(body: bytes) -> JsonObject:
+    """Parse a request body that must be one JSON object with no duplicate keys.
+
+    An empty body is an empty object (the MLflow client sends ``{}`` or nothing for argument-less
+    POSTs). A JSON string holding JSON, an array or a scalar is refused: MLflow would decode a
+    string body a second time.
+    """
+    if not body.strip():
+        return {}
+    try:
+        value = json.loads(body, object_pairs_hook=_object_without_duplicates)
+    except BadRequest:
+        raise
+    except (ValueError, RecursionError):
+        raise BadRequest("Request body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise BadRequest("Request body must be a JSON object")
+    return value
+
+
+def snake_case(name: str) -> str:
+    """``experimentIds`` -> ``experiment_ids`` (the alias MLflow's protobuf parser accepts)."""
+    return _CAMEL_HUMP.sub(lambda match: "_" + match.group(1).lower(), name)
+
+
+def normalise_field_names(body: JsonObject) -> JsonObject:
+    """Rename top-level camelCase aliases to snake_case; both spellings at once is a 400.
+
+    MLflow's protobuf JSON parser accepts either spelling of every field, so a policy that checks
+    ``experiment_ids`` must also see ``experimentIds``. Nested messages are normalised by the
+    policies that read them.
+    """
+    if not any(ch.isupper() for key in body for ch in key):
+        return body
+    normalised: JsonObject = {}
+    for key, value in body.items():
+        name = snake_case(key)
+        if name in normalised:
+            raise BadRequest(f"Field '{name}' is given twice (as '{key}' and '{name}')")
+        normalised[name] = value
+    return normalised
+
+
+def dump_json(value: Any) -> bytes:
+    """Re-serialise a checked request body (stdlib JSON keeps NaN/Infinity metric values)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

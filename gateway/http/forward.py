@@ -1,0 +1,182 @@
+"""Forwarding to the upstream in exactly two shapes: stream untouched, or buffer + rewrite.
+
+Upstream request headers are built from an allow-list, never copied: the client's
+``Authorization``, ``Cookie``, ``Origin``, identity and workspace headers never reach MLflow.
+Successful responses are streamed unless the route's policy rewrites them; error responses are
+always buffered so they can be put in MLflow's error shape, stripped of the tenant prefix and, for
+5xx, redacted of internal details.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+from starlette.types import Scope, Send
+
+from gateway.errors import GatewayError, redact_internal_details
+from gateway.http.canonical import Query
+from gateway.http.upstream import UpstreamResponse
+from gateway.policy.core import Exchange, Policy
+
+# Client headers that may be passed upstream (lower-case). Everything else is dropped.
+_FORWARDED_REQUEST_HEADERS = frozenset(
+    {
+        b"accept",
+        b"accept-language",
+        b"user-agent",
+        b"x-mlflow-client-version",
+        b"if-none-match",
+        b"if-modified-since",
+    }
+)
+# Upstream response headers passed back to the client.
+_RETURNED_RESPONSE_HEADERS = frozenset(
+    {
+        "content-type",
+        "content-disposition",
+        "cache-control",
+        "etag",
+        "last-modified",
+        "expires",
+        "content-encoding",
+        "x-content-type-options",
+    }
+)
+_STATUS_ERROR_CODES = {
+    400: "BAD_REQUEST",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "ENDPOINT_NOT_FOUND",
+}
+
+
+def encode_query(query: Query) -> str:
+    """Re-serialise a checked query (only what the gateway parsed is sent upstream)."""
+    return "&".join(
+        f"{quote(key, safe='')}={quote(value, safe='')}" for key, values in query.items() for value in values
+    )
+
+
+def upstream_headers(scope: Scope, ex: Exchange, *, content_type: str | None) -> dict[str, str]:
+    """Build the upstream request headers: allow-listed client headers plus the gateway's own."""
+    headers: dict[str, str] = {}
+    for key, value in scope["headers"]:
+        if key in _FORWARDED_REQUEST_HEADERS:
+            headers[key.decode("latin-1")] = value.decode("latin-1")
+    client = scope.get("client")
+    # Always set: MLflow's assistant trusts loopback callers without X-Forwarded-For (mlflow-api §9g).
+    headers["x-forwarded-for"] = client[0] if client else "unknown"
+    headers["x-forwarded-proto"] = scope.get("scheme", "http")
+    headers["x-request-id"] = ex.request_id
+    headers["accept-encoding"] = "identity"
+    if content_type:
+        headers["content-type"] = content_type
+    return headers
+
+
+def _response_headers(upstream: Iterable[tuple[str, str]], *, length: int | None) -> list[tuple[bytes, bytes]]:
+    headers = [
+        (key.lower().encode("latin-1"), value.encode("latin-1"))
+        for key, value in upstream
+        if key.lower() in _RETURNED_RESPONSE_HEADERS
+    ]
+    if length is not None:
+        headers.append((b"content-length", str(length).encode()))
+    return headers
+
+
+async def send_upstream_response(ex: Exchange, policy: Policy, response: UpstreamResponse, send: Send) -> None:
+    """Relay the upstream response in the shape the status and policy call for."""
+    content_type = next((v for k, v in response.headers if k.lower() == "content-type"), "")
+    is_json = content_type.startswith("application/json")
+    if response.status < 400 and not (policy.buffers_response and is_json):
+        await _stream(response, send)
+        return
+    raw = await response.read()
+    if response.status >= 400:
+        body: bytes = _error_body(ex, policy, response.status, raw, is_json=is_json)
+        content_type = "application/json"
+    elif is_json:
+        body = _rewrite(ex, policy, response.status, raw)
+    else:
+        body = raw
+    headers = [
+        (key, value)
+        for key, value in _response_headers(response.headers, length=len(body))
+        if key not in (b"content-type", b"content-encoding")
+    ]
+    headers.append((b"content-type", content_type.encode("latin-1") or b"application/json"))
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _stream(response: UpstreamResponse, send: Send) -> None:
+    length = next((v for k, v in response.headers if k.lower() == "content-length"), None)
+    headers = _response_headers(response.headers, length=None)
+    if length is not None:
+        headers.append((b"content-length", length.encode("latin-1")))
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    async for chunk in response.iter_chunks():
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def _decode(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        # MLflow may emit NaN/Infinity literals, which orjson refuses and the stdlib accepts.
+        return json.loads(raw)
+
+
+def _encode(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value).encode()
+
+
+def _rewrite(ex: Exchange, policy: Policy, status: int, raw: bytes) -> bytes:
+    try:
+        body = _decode(raw) if raw else {}
+    except ValueError:
+        return raw
+    if not isinstance(body, dict):
+        return raw
+    for step in policy.response:
+        step(ex, status, body)
+    return _encode(body)
+
+
+def _error_body(ex: Exchange, policy: Policy, status: int, raw: bytes, *, is_json: bool) -> bytes:
+    """MLflow's error shape for any upstream error; 5xx messages are redacted."""
+    parsed: Any = None
+    if is_json and raw:
+        try:
+            parsed = _decode(raw)
+        except ValueError:
+            parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("message"), str):
+        error_code = parsed.get("error_code")
+        body: dict[str, Any] = {
+            "error_code": error_code if isinstance(error_code, str) else _default_code(status),
+            "message": parsed["message"],
+        }
+    else:
+        body = {"error_code": _default_code(status), "message": f"Upstream MLflow answered HTTP {status}"}
+    if status >= 500:
+        body["message"] = redact_internal_details(body["message"])
+    for step in policy.response:
+        try:
+            step(ex, status, body)
+        except GatewayError:
+            continue
+    return _encode(body)
+
+
+def _default_code(status: int) -> str:
+    return _STATUS_ERROR_CODES.get(status, "INTERNAL_ERROR")

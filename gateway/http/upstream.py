@@ -1,0 +1,134 @@
+"""The one upstream HTTP client (aiohttp), behind a small interface.
+
+aiohttp was chosen by measurement (``bench/passthrough.py``): a bare starlette passthrough served
+several times more requests per second with ``aiohttp.ClientSession`` than with
+``httpx.AsyncClient`` on this machine (encode/httpx#3215). Nothing outside this module imports
+aiohttp, so the choice can be revisited in one place.
+
+Lower-level errors are translated here, once: connection failures become
+:class:`UpstreamUnavailable` (503 + Retry-After), timeouts :class:`UpstreamTimeout` (504).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+
+from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+
+CHUNK_SIZE = 64 * 1024
+
+
+@dataclass
+class UpstreamResponse:
+    """An open upstream response: read it whole or stream it, then it is released."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    _response: aiohttp.ClientResponse
+
+    async def read(self) -> bytes:
+        """Read the whole body and release the connection."""
+        try:
+            return await self._response.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _translate(exc) from exc
+        finally:
+            self._response.release()
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        """Yield the body in chunks; the connection is released (or closed) when done."""
+        try:
+            async for chunk in self._response.content.iter_chunked(CHUNK_SIZE):
+                yield chunk
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            self._response.close()
+            raise _translate(exc) from exc
+        finally:
+            self._response.release()
+
+    def close(self) -> None:
+        """Drop the connection without reading the rest of the body."""
+        self._response.close()
+
+
+class UpstreamClient:
+    """A pooled client for one upstream MLflow base URL. Create it in the app lifespan."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        connect_timeout: float = 5.0,
+        timeout: float = 120.0,
+        pool_size: int = 100,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=timeout)
+        self._pool_size = pool_size
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        """Open the connection pool."""
+        connector = aiohttp.TCPConnector(limit=self._pool_size, ttl_dns_cache=300, keepalive_timeout=30)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            json_serialize=lambda value: orjson.dumps(value).decode(),
+        )
+
+    async def close(self) -> None:
+        """Close the pool; idempotent."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def send(
+        self,
+        method: str,
+        path_and_query: str,
+        *,
+        headers: Mapping[str, str],
+        body: bytes | AsyncIterator[bytes] | None = None,
+    ) -> UpstreamResponse:
+        """Send one request; the caller must read, stream or close the response."""
+        if self._session is None:
+            raise UpstreamUnavailable("Upstream client is not started")
+        try:
+            response = await self._session.request(
+                method,
+                self.base_url + path_and_query,
+                headers=dict(headers),
+                data=body,
+                allow_redirects=False,
+                compress=None,
+            )
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise _translate(exc) from exc
+        headers_out = [(key, value) for key, value in response.headers.items()]
+        return UpstreamResponse(status=response.status, headers=headers_out, _response=response)
+
+    async def json_call(
+        self, method: str, path_and_query: str, *, headers: Mapping[str, str], body: bytes | None = None
+    ) -> tuple[int, object]:
+        """A small buffered call (ownership look-ups): returns the status and the decoded JSON body."""
+        response = await self.send(method, path_and_query, headers=headers, body=body)
+        raw = await response.read()
+        try:
+            return response.status, orjson.loads(raw) if raw else {}
+        except orjson.JSONDecodeError:
+            raise UpstreamError(f"Upstream answered {response.status} with a non-JSON body") from None
+
+
+def _translate(exc: BaseException) -> UpstreamError:
+    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return UpstreamTimeout("Upstream MLflow did not answer in time")
+    if isinstance(exc, aiohttp.ClientConnectionError | OSError):
+        return UpstreamUnavailable("Upstream MLflow is unavailable")
+    return UpstreamError("Upstream MLflow answered with an invalid response")

@@ -1,0 +1,127 @@
+"""Pure-ASGI middleware: request id and authentication.
+
+Each class wraps the next ASGI app, passes non-HTTP scopes through and short-circuits by sending a
+response. The whole order is declared once, in :func:`gateway.app.create_app`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import uuid
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.auth.jwt import TokenVerifier
+from gateway.auth.principal import Principal
+from gateway.errors import BadRequest, GatewayError, HeadersTooLarge, Unauthenticated, error_body
+
+REQUEST_ID_HEADER = b"x-request-id"
+MAX_TOKEN_BYTES = 8 * 1024
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._-]{8,128}$")
+
+
+async def send_error(send: Send, error: GatewayError, *, request_id: str | None = None) -> None:
+    """Answer ``error`` in MLflow's JSON error shape."""
+    body = error_body(error.error_code, error.message)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+    ]
+    headers.extend((key.lower().encode(), value.encode()) for key, value in error.headers.items())
+    if request_id:
+        headers.append((REQUEST_ID_HEADER, request_id.encode()))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestIdMiddleware:
+    """Give every request an id (a well-formed client ``X-Request-Id`` is kept) and echo it back."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = next((value for key, value in scope["headers"] if key == REQUEST_ID_HEADER), None)
+        request_id = incoming.decode() if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", []) if h[0] != REQUEST_ID_HEADER]
+                headers.append((REQUEST_ID_HEADER, request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def credential_from_headers(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The JWT of a request: ``Bearer <jwt>`` or ``Basic base64(user:<jwt>)``; ``None`` when absent.
+
+    Two ``Authorization`` headers are ambiguous and refused. Basic auth exists for tools that can
+    only send a username and password (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``): the password is
+    the token and the username is ignored.
+    """
+    values = [value for key, value in headers if key == b"authorization"]
+    if not values:
+        return None
+    if len(values) > 1:
+        raise BadRequest("More than one Authorization header")
+    raw = values[0]
+    if len(raw) > MAX_TOKEN_BYTES + 16:
+        raise HeadersTooLarge("Authorization header is too large")
+    scheme, _, credentials = raw.decode("latin-1").strip().partition(" ")
+    credentials = credentials.strip()
+    if scheme.lower() == "bearer" and credentials:
+        return credentials
+    if scheme.lower() == "basic" and credentials:
+        try:
+            decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            raise Unauthenticated("Malformed Basic credentials") from None
+        _, separator, password = decoded.partition(":")
+        if not separator or not password:
+            raise Unauthenticated("Basic credentials must carry the token as the password")
+        return password
+    raise Unauthenticated("Unsupported Authorization scheme (use Bearer <token>)")
+
+
+class AuthenticationMiddleware:
+    """Verify the request's token and put the :class:`Principal` in ``scope["state"]``.
+
+    Requests to public paths (health, readiness, static UI files) pass without a token; every other
+    request without a valid token is answered 401 here and never reaches the policy or the upstream.
+    """
+
+    def __init__(self, app: ASGIApp, *, verifier: TokenVerifier, is_public: Callable[[str], bool]) -> None:
+        self.app = app
+        self.verifier = verifier
+        self.is_public = is_public
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        try:
+            token = credential_from_headers(scope["headers"])
+            if token is None:
+                if not self.is_public(scope["path"]):
+                    raise Unauthenticated("Authentication required: send 'Authorization: Bearer <token>'")
+                principal: Principal | None = None
+            else:
+                if len(token) > MAX_TOKEN_BYTES:
+                    raise HeadersTooLarge("Token is too large")
+                principal = self.verifier.verify(token)
+        except GatewayError as error:
+            await send_error(send, error, request_id=state.get("request_id"))
+            return
+        state["principal"] = principal
+        await self.app(scope, receive, send)

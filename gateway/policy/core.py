@@ -1,0 +1,110 @@
+"""What a policy is: small named request and response steps over one :class:`Exchange`.
+
+A route's entry in the table is either a :class:`Policy` (steps that check and rewrite the request,
+then the response) or a :class:`Deny` with its reason. A request step may raise a
+:class:`~gateway.errors.GatewayError` to answer locally, so the upstream is never called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from gateway.auth.principal import Principal
+from gateway.errors import PermissionDenied
+from gateway.http.canonical import JsonObject, Query
+
+if TYPE_CHECKING:
+    from gateway.http.upstream import UpstreamClient
+    from gateway.policy.ownership import Ownership
+    from gateway.settings import Settings
+
+
+class Body(Enum):
+    """How a route's request body is handled."""
+
+    NONE = "none"  # no body allowed (GET, DELETE without body); a body is a 400
+    JSON = "json"  # one JSON object, parsed strictly, checked, re-serialised
+    STREAM = "stream"  # opaque bytes streamed untouched (artifact uploads, OTLP)
+
+
+@dataclass(frozen=True)
+class Services:
+    """Shared clients and caches, created once in the app lifespan."""
+
+    settings: Settings
+    upstream: UpstreamClient
+    ownership: Ownership
+
+
+@dataclass
+class Exchange:
+    """One request as the policy steps see it; steps rewrite ``query``/``body`` in place."""
+
+    principal: Principal
+    method: str
+    path: str
+    path_params: dict[str, str]
+    query: Query
+    body: JsonObject | None
+    services: Services
+    request_id: str
+    # What the response phase may need from the request phase (e.g. the owned experiment id).
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tenant(self) -> str:
+        """The caller's tenant (from the verified token)."""
+        return self.principal.tenant
+
+    def json_body(self) -> JsonObject:
+        """The request body of a JSON route (an empty object when the client sent none)."""
+        if self.body is None:
+            self.body = {}
+        return self.body
+
+
+RequestStep = Callable[[Exchange], Awaitable[None]]
+# A response step rewrites the decoded JSON response body in place. It runs on buffered responses
+# only, with the upstream status: most steps act on 2xx, error-message steps on 4xx.
+ResponseStep = Callable[[Exchange, int, JsonObject], None]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A route that is forwarded after its request steps, with its response steps applied."""
+
+    request: tuple[RequestStep, ...] = ()
+    response: tuple[ResponseStep, ...] = ()
+    body: Body = Body.JSON
+    authenticated: bool = True
+    description: str = ""
+
+    @property
+    def buffers_response(self) -> bool:
+        """A successful response is buffered only when a step rewrites it (design rule 10)."""
+        return bool(self.response)
+
+
+@dataclass(frozen=True)
+class Deny:
+    """A route the gateway refuses, with the reason shown to the caller and kept in the table."""
+
+    reason: str
+
+    def error(self) -> PermissionDenied:
+        """The refusal answered for this route."""
+        return PermissionDenied(f"This MLflow endpoint is disabled by the gateway: {self.reason}")
+
+
+Action = Policy | Deny
+
+
+@dataclass(frozen=True)
+class Local:
+    """A route the gateway answers itself (health, readiness) without calling a policy."""
+
+    name: str
+    authenticated: bool = False

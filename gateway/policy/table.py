@@ -1,0 +1,351 @@
+"""The route table: every route of MLflow 3.17 with its policy or an explicit deny and its reason.
+
+Anything not in this table is refused (403 ``PERMISSION_DENIED``): MLflow grows endpoints every
+release, and ``tests/unit/test_route_coverage.py`` compares this table with the installed MLflow's
+own route list, so an upgrade cannot silently open a hole. The strategies are those of
+``shared/mlflow-api.md`` §1; routes whose tenancy rules are not built yet are denied, not forwarded.
+"""
+
+from __future__ import annotations
+
+from gateway.policy import experiments, runs
+from gateway.policy.core import Body, Deny, Local, Policy
+from gateway.policy.router import B2, B3, J2, J3, ROOT, Route, RouteTable, api
+
+# -- reasons ------------------------------------------------------------------------------------
+PENDING_TRACKING = Deny("not tenant-scoped yet (tracking tenancy)")
+PENDING_ARTIFACTS = Deny("artifact access is not tenant-scoped yet (served by the gateway from S3)")
+PENDING_REGISTRY = Deny("the model registry is not tenant-scoped yet")
+PENDING_GENAI = Deny("GenAI evaluation objects are not tenant-scoped yet")
+PENDING_TRACES = Deny("traces are not tenant-scoped yet")
+PENDING_UI = Deny("the web UI needs a browser login, which is not built yet")
+WEBHOOKS = Deny("webhooks are server-global: they would fire on every tenant's registry events")
+WORKSPACES = Deny("workspaces are managed by the platform, not by tenants")
+AI_GATEWAY = Deny("the AI Gateway holds server-wide provider secrets and endpoints")
+MCP = Deny("the MCP server registry is server-global")
+ASSISTANT = Deny("the assistant runs agents and shell tools on the MLflow host")
+DEMO = Deny("the demo experiment is shared by every tenant")
+JOBS = Deny("server-side jobs take arbitrary parameters that bypass per-object checks")
+TELEMETRY = Deny("UI telemetry is not forwarded")
+LEGACY_PROXY = Deny("the legacy deployments proxy reaches a server-wide target")
+NOT_IMPLEMENTED = Deny("MLflow does not implement this endpoint")
+METRICS = Deny("the upstream's Prometheus metrics are server-wide")
+
+PUBLIC_STATIC = Policy(body=Body.NONE, authenticated=False, description="PUB: the open-source UI bundle")
+PUBLIC_INFO = Policy(body=Body.NONE, description="PUB: capability probe")
+HEALTH = Local("health")
+READY = Local("ready")
+
+
+def _deny(prefixes: tuple[str, ...], reason: Deny, *rows: tuple[str, str]) -> list[Route]:
+    return [route for method, path in rows for route in api(method, prefixes, path, reason)]
+
+
+_GATEWAY_CONFIG = [
+    (method, f"/mlflow/gateway/{path}")
+    for method, path in [
+        ("POST", "budgets/create"), ("DELETE", "budgets/delete"), ("GET", "budgets/get"),
+        ("GET", "budgets/list"), ("POST", "budgets/update"), ("GET", "budgets/windows"),
+        ("POST", "endpoints/bindings/create"), ("DELETE", "endpoints/bindings/delete"),
+        ("GET", "endpoints/bindings/list"), ("POST", "endpoints/create"), ("DELETE", "endpoints/delete"),
+        ("DELETE", "endpoints/delete-tag"), ("GET", "endpoints/get"), ("GET", "endpoints/list"),
+        ("POST", "endpoints/models/attach"), ("POST", "endpoints/models/detach"),
+        ("POST", "endpoints/set-tag"), ("POST", "endpoints/update"),
+        ("POST", "guardrails/add-to-endpoint"), ("POST", "guardrails/create"),
+        ("DELETE", "guardrails/delete"), ("GET", "guardrails/get"), ("GET", "guardrails/list"),
+        ("GET", "guardrails/list-for-endpoint"), ("DELETE", "guardrails/remove-from-endpoint"),
+        ("PATCH", "guardrails/update-config"), ("POST", "model-definitions/create"),
+        ("DELETE", "model-definitions/delete"), ("GET", "model-definitions/get"),
+        ("GET", "model-definitions/list"), ("POST", "model-definitions/update"),
+        ("POST", "secrets/create"), ("DELETE", "secrets/delete"), ("GET", "secrets/get"),
+        ("GET", "secrets/list"), ("POST", "secrets/update"),
+    ]
+]  # fmt: skip
+
+_MCP = [
+    ("GET", "/mlflow/mcp-servers"), ("POST", "/mlflow/mcp-servers"), ("GET", "/mlflow/mcp-servers/endpoints"),
+    ("DELETE", "/mlflow/mcp-servers/{name:path}"), ("GET", "/mlflow/mcp-servers/{name:path}"),
+    ("PATCH", "/mlflow/mcp-servers/{name:path}"), ("POST", "/mlflow/mcp-servers/{name:path}/aliases"),
+    ("DELETE", "/mlflow/mcp-servers/{name:path}/aliases/{alias:path}"),
+    ("GET", "/mlflow/mcp-servers/{name:path}/aliases/{alias:path}"),
+    ("GET", "/mlflow/mcp-servers/{name:path}/endpoints"), ("POST", "/mlflow/mcp-servers/{name:path}/endpoints"),
+    ("DELETE", "/mlflow/mcp-servers/{name:path}/endpoints/{endpoint_id}"),
+    ("GET", "/mlflow/mcp-servers/{name:path}/endpoints/{endpoint_id}"),
+    ("PATCH", "/mlflow/mcp-servers/{name:path}/endpoints/{endpoint_id}"),
+    ("POST", "/mlflow/mcp-servers/{name:path}/tags"), ("DELETE", "/mlflow/mcp-servers/{name:path}/tags/{key:path}"),
+    ("GET", "/mlflow/mcp-servers/{name:path}/versions"), ("POST", "/mlflow/mcp-servers/{name:path}/versions"),
+    ("DELETE", "/mlflow/mcp-servers/{name:path}/versions/{version:path}"),
+    ("GET", "/mlflow/mcp-servers/{name:path}/versions/{version:path}"),
+    ("PATCH", "/mlflow/mcp-servers/{name:path}/versions/{version:path}"),
+    ("POST", "/mlflow/mcp-servers/{name:path}/versions/{version:path}/tags"),
+    ("DELETE", "/mlflow/mcp-servers/{name:path}/versions/{version:path}/tags/{key:path}"),
+]  # fmt: skip
+
+_ASSISTANT = [
+    ("GET", "/mlflow/assistant/config"), ("PUT", "/mlflow/assistant/config"), ("POST", "/mlflow/assistant/message"),
+    ("GET", "/mlflow/assistant/providers"), ("GET", "/mlflow/assistant/providers/{provider}/health"),
+    ("GET", "/mlflow/assistant/providers/{provider}/models"), ("PATCH", "/mlflow/assistant/sessions/{session_id}"),
+    ("POST", "/mlflow/assistant/sessions/{session_id}/permission"),
+    ("GET", "/mlflow/assistant/sessions/{session_id}/stream"),
+    ("POST", "/mlflow/assistant/sessions/{session_id}/tool-result"), ("POST", "/mlflow/assistant/skills/install"),
+]  # fmt: skip
+
+_AI_GATEWAY_INVOCATIONS = [
+    ("POST", "/gateway/anthropic/v1/messages"),
+    ("POST", "/gateway/gemini/v1beta/models/{endpoint_name}:generateContent"),
+    ("POST", "/gateway/gemini/v1beta/models/{endpoint_name}:streamGenerateContent"),
+    ("POST", "/gateway/mlflow/v1/chat/completions"), ("GET", "/gateway/mlflow/v1/models"),
+    ("POST", "/gateway/openai/v1/chat/completions"), ("POST", "/gateway/openai/v1/embeddings"),
+    ("POST", "/gateway/openai/v1/responses"), ("POST", "/gateway/openai/v1/responses/compact"),
+    ("POST", "/gateway/proxy/{endpoint_name}/{path:path}"), ("POST", "/gateway/typesafe/v1/systemone"),
+    ("POST", "/gateway/{endpoint_name}/mlflow/invocations"),
+]  # fmt: skip
+
+ROUTES: list[Route] = [
+    # -- served by the gateway itself, or public --------------------------------------------------
+    *api("GET", ROOT, "/health", HEALTH),
+    *api("GET", ROOT, "/ready", READY),
+    *api("GET", ROOT, "/version", PUBLIC_INFO),
+    *api("GET", B3, "/mlflow/server-info", PUBLIC_INFO),
+    *api("GET", ROOT, "/static-files/{path:path}", PUBLIC_STATIC),
+    *api("GET", ROOT, "/build/{path:path}", PUBLIC_STATIC),
+    *api("GET", ROOT, "/", PENDING_UI),
+    *api("GET", J3, "/mlflow/ui-telemetry", PENDING_UI),
+    *api("POST", J3, "/mlflow/ui-telemetry", TELEMETRY),
+    *api("GET", ROOT, "/graphql", PENDING_UI),
+    *api("POST", ROOT, "/graphql", PENDING_UI),
+    *api("GET", ROOT, "/metrics", METRICS),
+    # -- experiments ---------------------------------------------------------------------------
+    *api("POST", B2, "/mlflow/experiments/create", experiments.CREATE),
+    *api("GET", B2, "/mlflow/experiments/get-by-name", experiments.GET_BY_NAME),
+    *api("GET", B2, "/mlflow/experiments/get", experiments.GET),
+    *api("POST", B2, "/mlflow/experiments/delete", experiments.DELETE_OR_RESTORE),
+    *api("POST", B2, "/mlflow/experiments/restore", experiments.DELETE_OR_RESTORE),
+    *api("POST", B2, "/mlflow/experiments/update", experiments.UPDATE),
+    *api("POST", B2, "/mlflow/experiments/set-experiment-tag", experiments.SET_OR_DELETE_TAG),
+    *api("POST", B2, "/mlflow/experiments/delete-experiment-tag", experiments.SET_OR_DELETE_TAG),
+    *api("GET", B2, "/mlflow/experiments/search", PENDING_TRACKING),
+    *api("POST", B2, "/mlflow/experiments/search", PENDING_TRACKING),
+    *api("POST", J2, "/mlflow/experiments/search-datasets", PENDING_TRACKING),
+    # The proto path of SearchDatasets lacks a "/" (`/api/2.0mlflow/...`): MLflow answers 404.
+    Route("POST", "/api/2.0mlflow/experiments/search-datasets", NOT_IMPLEMENTED),
+    Route("POST", "/ajax-api/2.0mlflow/experiments/search-datasets", NOT_IMPLEMENTED),
+    # -- runs, metrics, params ------------------------------------------------------------------
+    *api("POST", B2, "/mlflow/runs/create", runs.CREATE),
+    *api("GET", B2, "/mlflow/runs/get", runs.READ),
+    *api("POST", B2, "/mlflow/runs/update", runs.WRITE),
+    *api("POST", B2, "/mlflow/runs/delete", runs.WRITE),
+    *api("POST", B2, "/mlflow/runs/restore", runs.WRITE),
+    *api("POST", B2, "/mlflow/runs/log-metric", runs.LOG_METRIC),
+    *api("POST", B2, "/mlflow/runs/log-parameter", runs.WRITE),
+    *api("POST", B2, "/mlflow/runs/set-tag", runs.SET_OR_DELETE_TAG),
+    *api("POST", B2, "/mlflow/runs/delete-tag", runs.SET_OR_DELETE_TAG),
+    *api("POST", B2, "/mlflow/runs/log-batch", runs.LOG_BATCH),
+    *api("POST", B2, "/mlflow/runs/log-model", runs.WRITE),
+    *api("POST", B2, "/mlflow/runs/log-inputs", runs.LOG_INPUTS),
+    *api("POST", B2, "/mlflow/runs/outputs", runs.LOG_INPUTS),
+    *api("POST", B2, "/mlflow/runs/search", runs.SEARCH),
+    *api("GET", B2, "/mlflow/metrics/get-history", runs.READ),
+    *api("GET", B2, "/mlflow/metrics/get-history-bulk-interval", runs.BULK_HISTORY_INTERVAL),
+    *api("GET", J2, "/mlflow/metrics/get-history-bulk", runs.BULK_HISTORY),
+    *api("POST", J2, "/mlflow/runs/create-promptlab-run", PENDING_TRACKING),
+    # -- run-level artifacts and the mlflow-artifacts service ------------------------------------
+    *api("GET", B2, "/mlflow/artifacts/list", PENDING_ARTIFACTS),
+    *api("POST", B2, "/mlflow/artifacts/presigned-upload-url", PENDING_ARTIFACTS),
+    *api("POST", B2, "/mlflow/artifacts/presigned-download-url", PENDING_ARTIFACTS),
+    *api("GET", ROOT, "/get-artifact", PENDING_ARTIFACTS),
+    *api("POST", J2, "/mlflow/upload-artifact", PENDING_ARTIFACTS),
+    *api("GET", B2, "/mlflow-artifacts/artifacts", PENDING_ARTIFACTS),
+    *api("GET", B2, "/mlflow-artifacts/artifacts/{artifact_path:path}", PENDING_ARTIFACTS),
+    *api("PUT", B2, "/mlflow-artifacts/artifacts/{artifact_path:path}", PENDING_ARTIFACTS),
+    *api("DELETE", B2, "/mlflow-artifacts/artifacts/{artifact_path:path}", PENDING_ARTIFACTS),
+    *api("POST", B2, "/mlflow-artifacts/mpu/create/{artifact_path:path}", PENDING_ARTIFACTS),
+    *api("POST", B2, "/mlflow-artifacts/mpu/complete/{artifact_path:path}", PENDING_ARTIFACTS),
+    *api("POST", B2, "/mlflow-artifacts/mpu/abort/{artifact_path:path}", PENDING_ARTIFACTS),
+    *api("GET", B2, "/mlflow-artifacts/presigned/{artifact_path:path}", PENDING_ARTIFACTS),
+    # -- logged models ---------------------------------------------------------------------------
+    *_deny(
+        B2,
+        PENDING_TRACKING,
+        ("POST", "/mlflow/logged-models"),
+        ("GET", "/mlflow/logged-models/{model_id}"),
+        ("PATCH", "/mlflow/logged-models/{model_id}"),
+        ("DELETE", "/mlflow/logged-models/{model_id}"),
+        ("POST", "/mlflow/logged-models/search"),
+        ("PATCH", "/mlflow/logged-models/{model_id}/tags"),
+        ("DELETE", "/mlflow/logged-models/{model_id}/tags/{tag_key}"),
+        ("POST", "/mlflow/logged-models/{model_id}/params"),
+        ("GET", "/mlflow/logged-models/{model_id}/artifacts/directories"),
+    ),
+    *api("GET", J2, "/mlflow/logged-models/{model_id}/artifacts/files", PENDING_ARTIFACTS),
+    # -- model registry and prompts --------------------------------------------------------------
+    *_deny(
+        B2,
+        PENDING_REGISTRY,
+        ("POST", "/mlflow/registered-models/create"),
+        ("POST", "/mlflow/registered-models/rename"),
+        ("PATCH", "/mlflow/registered-models/update"),
+        ("DELETE", "/mlflow/registered-models/delete"),
+        ("GET", "/mlflow/registered-models/get"),
+        ("GET", "/mlflow/registered-models/search"),
+        ("GET", "/mlflow/registered-models/get-latest-versions"),
+        ("POST", "/mlflow/registered-models/get-latest-versions"),
+        ("POST", "/mlflow/registered-models/alias"),
+        ("DELETE", "/mlflow/registered-models/alias"),
+        ("GET", "/mlflow/registered-models/alias"),
+        ("POST", "/mlflow/registered-models/set-tag"),
+        ("DELETE", "/mlflow/registered-models/delete-tag"),
+        ("POST", "/mlflow/model-versions/create"),
+        ("PATCH", "/mlflow/model-versions/update"),
+        ("POST", "/mlflow/model-versions/transition-stage"),
+        ("DELETE", "/mlflow/model-versions/delete"),
+        ("GET", "/mlflow/model-versions/get"),
+        ("GET", "/mlflow/model-versions/search"),
+        ("GET", "/mlflow/model-versions/get-download-uri"),
+        ("POST", "/mlflow/model-versions/set-tag"),
+        ("DELETE", "/mlflow/model-versions/delete-tag"),
+    ),
+    *api("GET", ROOT, "/model-versions/get-artifact", PENDING_REGISTRY),
+    *_deny(B2, WEBHOOKS, ("GET", "/mlflow/webhooks"), ("POST", "/mlflow/webhooks")),
+    *_deny(
+        B2,
+        WEBHOOKS,
+        ("GET", "/mlflow/webhooks/{webhook_id}"),
+        ("PATCH", "/mlflow/webhooks/{webhook_id}"),
+        ("DELETE", "/mlflow/webhooks/{webhook_id}"),
+        ("POST", "/mlflow/webhooks/{webhook_id}/test"),
+    ),
+    # -- traces, assessments, OTLP ---------------------------------------------------------------
+    *_deny(
+        B2,
+        PENDING_TRACES,
+        ("GET", "/mlflow/traces"),
+        ("POST", "/mlflow/traces"),
+        ("PATCH", "/mlflow/traces/{request_id}"),
+        ("GET", "/mlflow/traces/{request_id}/info"),
+        ("PATCH", "/mlflow/traces/{request_id}/tags"),
+        ("DELETE", "/mlflow/traces/{request_id}/tags"),
+        ("POST", "/mlflow/traces/delete-traces"),
+        ("POST", "/mlflow/traces/link-to-run"),
+        ("POST", "/mlflow/traces/link-prompts"),
+    ),
+    *_deny(
+        B3,
+        PENDING_TRACES,
+        ("POST", "/mlflow/traces"),
+        ("GET", "/mlflow/traces/{trace_id}"),
+        ("GET", "/mlflow/traces/get"),
+        ("GET", "/mlflow/traces/batchGet"),
+        ("POST", "/mlflow/traces/batchGetInfos"),
+        ("POST", "/mlflow/traces/search"),
+        ("POST", "/mlflow/traces/delete-traces"),
+        ("POST", "/mlflow/traces/calculate-filter-correlation"),
+        ("POST", "/mlflow/traces/metrics"),
+        ("PATCH", "/mlflow/traces/{trace_id}/tags"),
+        ("DELETE", "/mlflow/traces/{trace_id}/tags"),
+        ("POST", "/mlflow/traces/{trace_id}/assessments"),
+        ("GET", "/mlflow/traces/{trace_id}/assessments/{assessment_id}"),
+        ("PATCH", "/mlflow/traces/{trace_id}/assessments/{assessment_id}"),
+        ("DELETE", "/mlflow/traces/{trace_id}/assessments/{assessment_id}"),
+    ),
+    *api("GET", J2, "/mlflow/get-trace-artifact", PENDING_TRACES),
+    *api("GET", J3, "/mlflow/get-trace-artifact", PENDING_TRACES),
+    *api("POST", ROOT, "/v1/traces", PENDING_TRACES),
+    # -- GenAI: datasets, scorers, issues, label schemas, review queues, prompt optimisation ------
+    *_deny(
+        B3,
+        PENDING_GENAI,
+        ("POST", "/mlflow/datasets/create"),
+        ("GET", "/mlflow/datasets/{dataset_id}"),
+        ("DELETE", "/mlflow/datasets/{dataset_id}"),
+        ("GET", "/mlflow/datasets/search"),
+        ("POST", "/mlflow/datasets/search"),
+        ("PATCH", "/mlflow/datasets/{dataset_id}/tags"),
+        ("DELETE", "/mlflow/datasets/{dataset_id}/tags/{key}"),
+        ("POST", "/mlflow/datasets/{dataset_id}/records"),
+        ("GET", "/mlflow/datasets/{dataset_id}/records"),
+        ("DELETE", "/mlflow/datasets/{dataset_id}/records"),
+        ("GET", "/mlflow/datasets/{dataset_id}/experiment-ids"),
+        ("POST", "/mlflow/datasets/{dataset_id}/add-experiments"),
+        ("POST", "/mlflow/datasets/{dataset_id}/remove-experiments"),
+        ("POST", "/mlflow/scorers/register"),
+        ("GET", "/mlflow/scorers/list"),
+        ("GET", "/mlflow/scorers/versions"),
+        ("GET", "/mlflow/scorers/get"),
+        ("DELETE", "/mlflow/scorers/delete"),
+        ("GET", "/mlflow/scorers/online-configs"),
+        ("PUT", "/mlflow/scorers/online-config"),
+        ("POST", "/mlflow/issues"),
+        ("GET", "/mlflow/issues/{issue_id}"),
+        ("PATCH", "/mlflow/issues/{issue_id}"),
+        ("POST", "/mlflow/issues/search"),
+        ("POST", "/mlflow/label-schemas/create"),
+        ("GET", "/mlflow/label-schemas/get"),
+        ("GET", "/mlflow/label-schemas/get-by-name"),
+        ("GET", "/mlflow/label-schemas/list"),
+        ("PATCH", "/mlflow/label-schemas/update"),
+        ("DELETE", "/mlflow/label-schemas/delete"),
+        ("POST", "/mlflow/review-queues/create"),
+        ("POST", "/mlflow/review-queues/get-or-create-user"),
+        ("GET", "/mlflow/review-queues/get"),
+        ("GET", "/mlflow/review-queues/get-by-name"),
+        ("GET", "/mlflow/review-queues/list"),
+        ("POST", "/mlflow/review-queues/update"),
+        ("POST", "/mlflow/review-queues/delete"),
+        ("POST", "/mlflow/review-queues/items/add"),
+        ("POST", "/mlflow/review-queues/items/remove"),
+        ("GET", "/mlflow/review-queues/items/list"),
+        ("POST", "/mlflow/review-queues/items/set-status"),
+        ("POST", "/mlflow/prompt-optimization/jobs"),
+        ("GET", "/mlflow/prompt-optimization/jobs/{job_id}"),
+        ("DELETE", "/mlflow/prompt-optimization/jobs/{job_id}"),
+        ("POST", "/mlflow/prompt-optimization/jobs/{job_id}/cancel"),
+        ("GET", "/mlflow/prompt-optimization/jobs/search"),
+        ("POST", "/mlflow/prompt-optimization/jobs/search"),
+    ),
+    *_deny(
+        J3,
+        JOBS,
+        ("POST", "/mlflow/scorer/invoke"),
+        ("POST", "/mlflow/issues/invoke"),
+        ("POST", "/mlflow/genai/evaluate/invoke"),
+        ("GET", "/mlflow/jobs/{job_id}"),
+        ("PATCH", "/mlflow/jobs/cancel/{job_id}"),
+        ("POST", "/jobs/"),
+        ("POST", "/jobs/search"),
+        ("GET", "/jobs/{job_id}"),
+        ("PATCH", "/jobs/cancel/{job_id}"),
+    ),
+    # -- server-global features --------------------------------------------------------------------
+    *_deny(B3, AI_GATEWAY, *_GATEWAY_CONFIG),
+    *_deny(
+        J3,
+        AI_GATEWAY,
+        ("GET", "/mlflow/gateway/provider-config"),
+        ("GET", "/mlflow/gateway/secrets/config"),
+        ("GET", "/mlflow/gateway/supported-models"),
+        ("GET", "/mlflow/gateway/supported-providers"),
+    ),
+    *_deny(ROOT, AI_GATEWAY, *_AI_GATEWAY_INVOCATIONS),
+    *_deny(J2, LEGACY_PROXY, ("GET", "/mlflow/gateway-proxy"), ("POST", "/mlflow/gateway-proxy")),
+    *_deny(B3, MCP, *_MCP),
+    *_deny(J3, ASSISTANT, *_ASSISTANT),
+    *_deny(J3, DEMO, ("POST", "/mlflow/demo/generate"), ("POST", "/mlflow/demo/delete")),
+    *_deny(
+        B3,
+        WORKSPACES,
+        ("GET", "/mlflow/workspaces"),
+        ("POST", "/mlflow/workspaces"),
+        ("GET", "/mlflow/workspaces/{workspace_name}"),
+        ("PATCH", "/mlflow/workspaces/{workspace_name}"),
+        ("DELETE", "/mlflow/workspaces/{workspace_name}"),
+    ),
+    *_deny(
+        B2,
+        NOT_IMPLEMENTED,
+        ("GET", "/mlflow/unified-traces"),
+        ("GET", "/mlflow/get-online-trace-details"),
+    ),
+]
+
+TABLE = RouteTable(ROUTES)

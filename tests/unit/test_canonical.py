@@ -1,0 +1,138 @@
+"""Strict parsing: every ambiguous form is refused before anything reaches the upstream."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.errors import BadRequest
+from gateway.http.canonical import (
+    canonical_path,
+    dump_json,
+    normalise_field_names,
+    parse_json_object,
+    parse_query,
+    single_value,
+    snake_case,
+)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"/api/2.0/mlflow/runs/get", "/api/2.0/mlflow/runs/get"),
+        (b"/ajax-api/3.0/jobs/", "/ajax-api/3.0/jobs/"),
+        (b"/static-files/a%20b.js", "/static-files/a b.js"),
+        (b"/", "/"),
+    ],
+)
+def test_canonical_path_accepts(raw: bytes, expected: str) -> None:
+    assert canonical_path(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"/api/2.0/mlflow/runs%2Fget",
+        b"/api/2.0/mlflow/runs%2fget",
+        b"/api/2.0/mlflow%5Cruns/get",
+        b"//api/2.0/mlflow/runs/get",
+        b"/api/2.0//mlflow/runs/get",
+        b"/api/2.0/mlflow/./runs/get",
+        b"/api/2.0/mlflow/runs/../runs/get",
+        b"/api/2.0/mlflow/%2e%2e/runs/get",
+        b"/api/2.0/mlflow-artifacts/artifacts/%2531/x",
+        b"/api/2.0/mlflow-artifacts/artifacts/%252e%252e/x",
+        b"/api/2.0/mlflow\\runs/get",
+        b"/api/2.0/mlflow/runs/get%00",
+        b"/api/2.0/mlflow/runs/get%0a",
+        b"/api/2.0/mlflow/runs/get\x7f",
+        b"/api/2.0/mlflow/%ff",
+        b"api/2.0/mlflow/runs/get",
+    ],
+)
+def test_canonical_path_refuses(raw: bytes) -> None:
+    with pytest.raises(BadRequest):
+        canonical_path(raw)
+
+
+def test_parse_query_keeps_repeats_and_decodes_once() -> None:
+    query = parse_query(b"run_ids=a&run_ids=b&path=x%2520y&flag=&name=a+b")
+    assert query == {"run_ids": ["a", "b"], "path": ["x%20y"], "flag": [""], "name": ["a b"]}
+
+
+@pytest.mark.parametrize("raw", [b"=x", b"a=%ff", b"a=%00"])
+def test_parse_query_refuses(raw: bytes) -> None:
+    with pytest.raises(BadRequest):
+        parse_query(raw)
+
+
+def test_single_value_refuses_repeated_scalars() -> None:
+    query = parse_query(b"run_id=a&run_id=b&x=1")
+    assert single_value(query, "x") == "1"
+    assert single_value(query, "missing") is None
+    with pytest.raises(BadRequest, match="once"):
+        single_value(query, "run_id")
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b"", {}),
+        (b"  ", {}),
+        (b'{"a": 1, "b": {"c": [1, 2]}}', {"a": 1, "b": {"c": [1, 2]}}),
+        (b'{"value": NaN}', None),
+    ],
+)
+def test_parse_json_object_accepts(body: bytes, expected: dict[str, object] | None) -> None:
+    parsed = parse_json_object(body)
+    if expected is None:
+        assert parsed["value"] != parsed["value"]  # NaN metric values survive
+    else:
+        assert parsed == expected
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"run_id": "a", "run_id": "b"}',
+        b'{"outer": {"k": 1, "k": 2}}',
+        b'"{\\"run_id\\": \\"a\\"}"',
+        b"[1, 2]",
+        b"42",
+        b"null",
+        b"{not json",
+        b"\xff\xfe",
+        b"[" * 100_000,
+    ],
+)
+def test_parse_json_object_refuses(body: bytes) -> None:
+    with pytest.raises(BadRequest):
+        parse_json_object(body)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("experimentIds", "experiment_ids"), ("run_id", "run_id"), ("runUuid", "run_uuid"), ("maxResults", "max_results")],
+)
+def test_snake_case(name: str, expected: str) -> None:
+    assert snake_case(name) == expected
+
+
+def test_normalise_field_names_renames_aliases() -> None:
+    assert normalise_field_names({"experimentIds": ["1"], "maxResults": 5}) == {
+        "experiment_ids": ["1"],
+        "max_results": 5,
+    }
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"experimentIds": ["1"], "experiment_ids": ["2"]}, {"run_id": "a", "runId": "b"}],
+)
+def test_normalise_field_names_refuses_both_spellings(body: dict[str, object]) -> None:
+    with pytest.raises(BadRequest, match="twice"):
+        normalise_field_names(body)
+
+
+def test_dump_json_round_trips_nan() -> None:
+    assert dump_json({"v": float("nan"), "s": "é"}) == '{"v":NaN,"s":"é"}'.encode()

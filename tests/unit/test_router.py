@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import pytest
+
+from gateway.policy.core import Deny
+from gateway.policy.router import Route, RouteTable, normalise_template
+
+HEX = "0123456789abcdef0123456789abcdef"
+DENY = Deny("for the test")
+
+
+def test_static_and_templated_matches() -> None:
+    table = RouteTable(
+        [
+            Route("GET", "/a/b", DENY),
+            Route("GET", "/traces/{trace_id}", DENY),
+            Route("GET", "/files/{artifact_path:path}", DENY),
+        ]
+    )
+    assert table.match("GET", "/a/b") is not None
+    match = table.match("GET", f"/traces/tr-{HEX}")
+    assert match is not None and match.params == {"trace_id": f"tr-{HEX}"}
+    files = table.match("GET", "/files/1/abc/artifacts/x.txt")
+    assert files is not None and files.params == {"artifact_path": "1/abc/artifacts/x.txt"}
+    assert table.match("POST", "/a/b") is None
+
+
+@pytest.mark.parametrize("trace_id", ["tr-z", "tr-" + HEX + "0", "../../x", "tr-" + HEX.upper(), ""])
+def test_malformed_ids_do_not_match(trace_id: str) -> None:
+    table = RouteTable([Route("GET", "/traces/{trace_id}", DENY)])
+    assert table.match("GET", f"/traces/{trace_id}") is None
+
+
+def test_duplicate_routes_are_refused() -> None:
+    with pytest.raises(ValueError, match="duplicate"):
+        RouteTable([Route("GET", "/a", DENY), Route("GET", "/a", DENY)])
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("/mlflow/traces/<request_id>/info", "/mlflow/traces/{}/info"),
+        ("/files/<path:artifact_path>", "/files/{*}"),
+        ("/files/{artifact_path:path}", "/files/{*}"),
+        ("/gateway/{endpoint_name}/mlflow/invocations", "/gateway/{}/mlflow/invocations"),
+    ],
+)
+def test_normalise_template(template: str, expected: str) -> None:
+    assert normalise_template(template) == expected
