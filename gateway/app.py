@@ -24,7 +24,7 @@ from gateway.http.canonical import (
     parse_query,
 )
 from gateway.http.forward import encode_query, send_upstream_response, upstream_headers
-from gateway.http.upstream import UpstreamClient
+from gateway.http.upstream import UpstreamClient, request_headers
 from gateway.middleware import AuthenticationMiddleware, RequestIdMiddleware, send_error
 from gateway.policy.core import Body, Deny, Exchange, Local, Policy, Services
 from gateway.policy.ownership import Ownership
@@ -93,6 +93,12 @@ class Gateway:
             if started:
                 raise
             await send_error(send, error, request_id=request_id)
+        except Exception:
+            # A defect, not a policy decision: log it with the request id, answer MLflow's shape.
+            logger.exception("unhandled error (request id %s)", request_id)
+            if started:
+                raise
+            await send_error(send, GatewayError("Internal gateway error"), request_id=request_id)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
         services = self.services
@@ -125,6 +131,8 @@ class Gateway:
             services=services,
             request_id=request_id,
         )
+        client = scope.get("client")
+        request_headers.set({"x-request-id": request_id, "x-forwarded-for": client[0] if client else "unknown"})
         for step in action.request:
             await step(ex)
         await self._forward(scope, ex, action, send)

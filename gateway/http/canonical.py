@@ -18,6 +18,7 @@ from gateway.errors import BadRequest
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _PERCENT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 _ENCODED_SEPARATOR = re.compile(rb"%(2[fF]|5[cC])")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _CAMEL_HUMP = re.compile(r"(?<=[a-z0-9])([A-Z])")
 
 Query = dict[str, list[str]]
@@ -119,7 +120,17 @@ def parse_json_object(body: bytes) -> JsonObject:
         raise BadRequest("Request body is not valid JSON") from None
     if not isinstance(value, dict):
         raise BadRequest("Request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(body):
+        _refuse_lone_surrogates(value)
     return value
+
+
+def _refuse_lone_surrogates(value: JsonObject) -> None:
+    """A ``\\ud800`` escape decodes to a lone surrogate, which no UTF-8 upstream request can carry."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("Request body contains an invalid Unicode escape (lone surrogate)") from None
 
 
 def snake_case(name: str) -> str:
@@ -127,22 +138,51 @@ def snake_case(name: str) -> str:
     return _CAMEL_HUMP.sub(lambda match: "_" + match.group(1).lower(), name)
 
 
-def normalise_field_names(body: JsonObject) -> JsonObject:
-    """Rename top-level camelCase aliases to snake_case; both spellings at once is a 400.
+# Fields whose JSON value is a protobuf map or google.protobuf.Value: their keys are user data
+# (tag names, metadata keys, arbitrary JSON) and are never renamed. Read off MLflow 3.17's protos.
+OPAQUE_FIELDS = frozenset(
+    {
+        "auth_config",
+        "dimensions",
+        "final_eval_scores",
+        "headers",
+        "initial_eval_scores",
+        "masked_values",
+        "metadata",
+        "secret_value",
+        "tags",
+        "trace_metadata",
+        "value",
+        "values",
+    }
+)
 
-    MLflow's protobuf JSON parser accepts either spelling of every field, so a policy that checks
-    ``experiment_ids`` must also see ``experimentIds``. Nested messages are normalised by the
-    policies that read them.
+
+def normalise_field_names(body: JsonObject) -> JsonObject:
+    """Rename camelCase aliases to snake_case at every level; both spellings at once is a 400.
+
+    MLflow's protobuf JSON parser accepts either spelling of every field, nested ones included
+    (``metrics[].modelId``), so a policy that checks ``model_id`` must also see ``modelId``. The keys
+    of map and ``google.protobuf.Value`` fields (:data:`OPAQUE_FIELDS`) are user data and are kept;
+    a map given as a list of ``{key, value}`` objects is still normalised item by item.
     """
-    if not any(ch.isupper() for key in body for ch in key):
-        return body
     normalised: JsonObject = {}
     for key, value in body.items():
-        name = snake_case(key)
+        name = snake_case(key) if any(ch.isupper() for ch in key) else key
         if name in normalised:
             raise BadRequest(f"Field '{name}' is given twice (as '{key}' and '{name}')")
+        if not (name in OPAQUE_FIELDS and isinstance(value, dict)):
+            value = _normalise_value(value)
         normalised[name] = value
     return normalised
+
+
+def _normalise_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return normalise_field_names(value)
+    if isinstance(value, list):
+        return [_normalise_value(item) for item in value]
+    return value
 
 
 def dump_json(value: Any) -> bytes:

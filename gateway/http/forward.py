@@ -125,31 +125,32 @@ async def _stream(response: UpstreamResponse, send: Send) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
-def _decode(raw: bytes) -> Any:
+def _decode(raw: bytes) -> tuple[Any, bool]:
+    """Decode a JSON response; the flag is True when it needed the stdlib (NaN/Infinity literals)."""
     try:
-        return orjson.loads(raw)
+        return orjson.loads(raw), False
     except orjson.JSONDecodeError:
         # MLflow may emit NaN/Infinity literals, which orjson refuses and the stdlib accepts.
-        return json.loads(raw)
+        return json.loads(raw), True
 
 
-def _encode(value: Any) -> bytes:
-    try:
-        return orjson.dumps(value)
-    except TypeError:
-        return json.dumps(value).encode()
+def _encode(value: Any, *, non_finite: bool) -> bytes:
+    """Encode a rewritten body; NaN/Infinity are kept as MLflow wrote them (orjson would write null)."""
+    if non_finite:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return orjson.dumps(value)
 
 
 def _rewrite(ex: Exchange, policy: Policy, status: int, raw: bytes) -> bytes:
     try:
-        body = _decode(raw) if raw else {}
+        body, non_finite = _decode(raw) if raw else ({}, False)
     except ValueError:
         return raw
     if not isinstance(body, dict):
         return raw
     for step in policy.response:
         step(ex, status, body)
-    return _encode(body)
+    return _encode(body, non_finite=non_finite)
 
 
 def _error_body(ex: Exchange, policy: Policy, status: int, raw: bytes, *, is_json: bool) -> bytes:
@@ -157,7 +158,7 @@ def _error_body(ex: Exchange, policy: Policy, status: int, raw: bytes, *, is_jso
     parsed: Any = None
     if is_json and raw:
         try:
-            parsed = _decode(raw)
+            parsed, _ = _decode(raw)
         except ValueError:
             parsed = None
     if isinstance(parsed, dict) and isinstance(parsed.get("message"), str):
@@ -175,7 +176,7 @@ def _error_body(ex: Exchange, policy: Policy, status: int, raw: bytes, *, is_jso
             step(ex, status, body)
         except GatewayError:
             continue
-    return _encode(body)
+    return orjson.dumps(body)
 
 
 def _default_code(status: int) -> str:

@@ -12,8 +12,10 @@ Lower-level errors are translated here, once: connection failures become
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import aiohttp
 import orjson
@@ -21,6 +23,12 @@ import orjson
 from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 
 CHUNK_SIZE = 64 * 1024
+
+# Headers that tie the gateway's own upstream calls (ownership look-ups) to the client request
+# being served: its request id and forwarded-for. Set once per request by the pipeline.
+request_headers: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
+    "request_headers", default=MappingProxyType({})
+)
 
 
 @dataclass
@@ -117,8 +125,12 @@ class UpstreamClient:
     async def json_call(
         self, method: str, path_and_query: str, *, headers: Mapping[str, str], body: bytes | None = None
     ) -> tuple[int, object]:
-        """A small buffered call (ownership look-ups): returns the status and the decoded JSON body."""
-        response = await self.send(method, path_and_query, headers=headers, body=body)
+        """A small buffered call (ownership look-ups): returns the status and the decoded JSON body.
+
+        The current request's id and forwarded-for headers are added, so MLflow's logs tie the call
+        to the client request that caused it.
+        """
+        response = await self.send(method, path_and_query, headers={**request_headers.get(), **headers}, body=body)
         raw = await response.read()
         try:
             return response.status, orjson.loads(raw) if raw else {}

@@ -13,7 +13,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from gateway.auth.principal import Principal
-from gateway.errors import PermissionDenied
+from gateway.errors import PermissionDenied, Unauthenticated
 from gateway.http.canonical import JsonObject, Query
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ class Services:
 class Exchange:
     """One request as the policy steps see it; steps rewrite ``query``/``body`` in place."""
 
-    principal: Principal
+    principal: Principal | None
     method: str
     path: str
     path_params: dict[str, str]
@@ -55,9 +55,16 @@ class Exchange:
     notes: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def caller(self) -> Principal:
+        """The verified caller; only public routes (which have no steps) run without one."""
+        if self.principal is None:
+            raise Unauthenticated("Authentication required: send 'Authorization: Bearer <token>'")
+        return self.principal
+
+    @property
     def tenant(self) -> str:
         """The caller's tenant (from the verified token)."""
-        return self.principal.tenant
+        return self.caller.tenant
 
     def json_body(self) -> JsonObject:
         """The request body of a JSON route (an empty object when the client sent none)."""

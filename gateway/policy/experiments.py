@@ -150,6 +150,6 @@ UPDATE = Policy(
     description="OE + NE(new_name): a rename cannot leave the tenant's prefix",
 )
 SET_OR_DELETE_TAG = Policy(
-    request=(require_owned_experiment(), reject_reserved_key("key")),
+    request=(reject_reserved_key("key"), require_owned_experiment()),
     description="OE; the matih.* namespace is reserved",
 )

@@ -88,8 +88,8 @@ def require_owned_model_ids(*paths: str) -> RequestStep:
 async def stamp_run_provenance(ex: Exchange) -> None:
     """Set the run's user and ``matih.*`` tags from the verified token, whatever the client sent."""
     body = ex.json_body()
-    body["user_id"] = ex.principal.user
-    inject_tags(ex, "tags", {**provenance_tags(ex), "mlflow.user": ex.principal.user})
+    body["user_id"] = ex.caller.user
+    inject_tags(ex, "tags", {**provenance_tags(ex), "mlflow.user": ex.caller.user})
 
 
 def remember_created_run(ex: Exchange, status: int, body: JsonObject) -> None:
@@ -103,16 +103,16 @@ def remember_created_run(ex: Exchange, status: int, body: JsonObject) -> None:
 _OWNED_RUN = require_owned_run()
 
 CREATE = Policy(
-    request=(require_owned_experiment(), reject_reserved_tags("tags"), stamp_run_provenance),
+    request=(reject_reserved_tags("tags"), require_owned_experiment(), stamp_run_provenance),
     response=(remember_created_run,),
     description="OE (0 -> tenant Default); user and matih.* tags from the token",
 )
 READ = Policy(request=(_OWNED_RUN,), body=Body.NONE, description="OR")
 WRITE = Policy(request=(_OWNED_RUN,), description="OR")
-SET_OR_DELETE_TAG = Policy(request=(_OWNED_RUN, reject_reserved_key("key")), description="OR; matih.* reserved")
+SET_OR_DELETE_TAG = Policy(request=(reject_reserved_key("key"), _OWNED_RUN), description="OR; matih.* reserved")
 LOG_METRIC = Policy(request=(_OWNED_RUN, require_owned_model_ids("model_id")), description="OR + OM")
 LOG_BATCH = Policy(
-    request=(_OWNED_RUN, reject_reserved_tags("tags"), require_owned_model_ids("metrics[].model_id")),
+    request=(reject_reserved_tags("tags"), _OWNED_RUN, require_owned_model_ids("metrics[].model_id")),
     description="OR + OM; matih.* reserved",
 )
 LOG_INPUTS = Policy(request=(_OWNED_RUN, require_owned_model_ids("models[].model_id")), description="OR + OM")

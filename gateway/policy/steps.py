@@ -54,8 +54,8 @@ def tag_list(ex: Exchange, field: str) -> list[JsonObject]:
     tags = ex.json_body().get(field)
     if tags is None:
         return []
-    if not isinstance(tags, list) or not all(isinstance(tag, dict) for tag in tags):
-        raise BadRequest(f"Field '{field}' must be a list of {{key, value}} objects")
+    if not isinstance(tags, list) or not all(isinstance(tag, dict) and isinstance(tag.get("key"), str) for tag in tags):
+        raise BadRequest(f"Field '{field}' must be a list of {{key, value}} objects with string keys")
     return tags
 
 
@@ -99,9 +99,9 @@ def inject_tags(ex: Exchange, field: str, tags: dict[str, str]) -> None:
 
 def provenance_tags(ex: Exchange) -> dict[str, str]:
     """The ``matih.*`` tags that record who created an object, from the verified token."""
-    tags = {"matih.tenant_id": ex.tenant, "matih.user_id": ex.principal.user}
-    if ex.principal.job:
-        tags["matih.job_id"] = ex.principal.job
+    tags = {"matih.tenant_id": ex.tenant, "matih.user_id": ex.caller.user}
+    if ex.caller.job:
+        tags["matih.job_id"] = ex.caller.job
     return tags
 
 

@@ -136,3 +136,40 @@ def test_normalise_field_names_refuses_both_spellings(body: dict[str, object]) -
 
 def test_dump_json_round_trips_nan() -> None:
     assert dump_json({"v": float("nan"), "s": "é"}) == '{"v":NaN,"s":"é"}'.encode()
+
+
+def test_normalise_field_names_descends_into_nested_messages() -> None:
+    body = {"runId": "r", "metrics": [{"key": "m", "modelId": "m-1"}], "dataset": {"sourceType": "s"}}
+    assert normalise_field_names(body) == {
+        "run_id": "r",
+        "metrics": [{"key": "m", "model_id": "m-1"}],
+        "dataset": {"source_type": "s"},
+    }
+
+
+def test_normalise_field_names_keeps_user_keys_of_maps_and_values() -> None:
+    body = {"traceMetadata": {"myKey": "v"}, "tags": {"camelTag": "v"}, "value": {"someJson": 1}}
+    assert normalise_field_names(body) == {
+        "trace_metadata": {"myKey": "v"},
+        "tags": {"camelTag": "v"},
+        "value": {"someJson": 1},
+    }
+    # A repeated {key, value} list is a message list: its field names are normalised, the values kept.
+    assert normalise_field_names({"tags": [{"key": "camelTag", "value": "x"}]}) == {
+        "tags": [{"key": "camelTag", "value": "x"}]
+    }
+
+
+def test_nested_aliases_given_twice_are_refused() -> None:
+    with pytest.raises(BadRequest, match="twice"):
+        normalise_field_names({"metrics": [{"model_id": "a", "modelId": "b"}]})
+
+
+@pytest.mark.parametrize("body", [b'{"name": "x\\ud800"}', b'{"name": "\\udfff"}', b'{"a": {"b": ["\\ud83d"]}}'])
+def test_lone_surrogates_are_refused(body: bytes) -> None:
+    with pytest.raises(BadRequest, match="surrogate"):
+        parse_json_object(body)
+
+
+def test_surrogate_pairs_are_fine() -> None:
+    assert parse_json_object(b'{"name": "\\ud83d\\ude00"}') == {"name": "\U0001f600"}
