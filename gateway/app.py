@@ -15,6 +15,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.auth.jwt import TokenVerifier
+from gateway.auth.principal import ADMIN, EDITOR, VIEWER, access_level
 from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, PermissionDenied, Unauthenticated
 from gateway.http.canonical import (
     canonical_path,
@@ -26,7 +27,7 @@ from gateway.http.canonical import (
 from gateway.http.forward import encode_query, send_upstream_response, upstream_headers
 from gateway.http.upstream import UpstreamClient, request_headers
 from gateway.middleware import AuthenticationMiddleware, RequestIdMiddleware, send_error
-from gateway.policy.core import Body, Deny, Exchange, Local, Policy, Services
+from gateway.policy.core import Access, Body, Deny, Exchange, Local, Policy, Services
 from gateway.policy.ownership import Ownership
 from gateway.policy.router import RouteTable
 from gateway.policy.table import TABLE
@@ -34,6 +35,7 @@ from gateway.settings import Settings
 
 logger = logging.getLogger("gateway")
 
+ROLE_FOR_ACCESS = {Access.READ: VIEWER, Access.WRITE: EDITOR, Access.ADMIN: ADMIN}
 PUBLIC_PREFIXES = ("/static-files/", "/build/")
 PUBLIC_PATHS = frozenset({"/health", "/ready"})
 
@@ -118,6 +120,8 @@ class Gateway:
         principal = scope["state"].get("principal")
         if action.authenticated and principal is None:
             raise Unauthenticated("Authentication required: send 'Authorization: Bearer <token>'")
+        if principal is not None and access_level(principal) < action.access:
+            raise PermissionDenied(f"This operation needs the '{ROLE_FOR_ACCESS[action.access]}' role")
         query = parse_query(scope.get("query_string", b""))
         raw_body = await _read_body(receive, limit=self.settings.max_json_body_bytes)
         body = _parse_body(action, method, raw_body)

@@ -25,6 +25,24 @@ class Principal:
         return role in self.roles
 
 
+VIEWER, EDITOR, ADMIN = "viewer", "editor", "admin"
+
+
+def access_level(principal: Principal) -> int:
+    """The highest access the caller's roles grant: viewer 1, editor 2, admin 3.
+
+    A token with none of these roles is an editor: most identity providers put unrelated roles in
+    the same claim, and "editor" is the documented default.
+    """
+    if ADMIN in principal.roles:
+        return 3
+    if EDITOR in principal.roles:
+        return 2
+    if VIEWER in principal.roles:
+        return 1
+    return 2
+
+
 def is_valid_tenant_id(tenant: str) -> bool:
     """True for a tenant id the gateway can use safely as a name prefix."""
     return bool(TENANT_ID_PATTERN.fullmatch(tenant))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, IntEnum
 from typing import TYPE_CHECKING, Any
 
 from gateway.auth.principal import Principal
@@ -20,6 +20,14 @@ if TYPE_CHECKING:
     from gateway.http.upstream import UpstreamClient
     from gateway.policy.ownership import Ownership
     from gateway.settings import Settings
+
+
+class Access(IntEnum):
+    """What an operation needs; a caller's roles grant a level (see :func:`gateway.auth.principal.access_of`)."""
+
+    READ = 1  # gets, lists and searches: viewer and up
+    WRITE = 2  # everything a tenant may do to its own objects: editor and up
+    ADMIN = 3  # destructive operations the table marks admin-only: admin
 
 
 class Body(Enum):
@@ -86,6 +94,7 @@ class Policy:
     request: tuple[RequestStep, ...] = ()
     response: tuple[ResponseStep, ...] = ()
     body: Body = Body.JSON
+    access: Access = Access.WRITE
     authenticated: bool = True
     description: str = ""
 

@@ -10,7 +10,7 @@ import re
 
 from gateway.errors import BadRequest, NotFound
 from gateway.http.canonical import JsonObject
-from gateway.policy.core import Body, Exchange, Policy, RequestStep, ResponseStep
+from gateway.policy.core import Access, Body, Exchange, Policy, RequestStep, ResponseStep
 from gateway.policy.ownership import EXPERIMENT_SEPARATOR, TENANT_TAG
 from gateway.policy.steps import (
     field_value,
@@ -135,12 +135,14 @@ GET_BY_NAME = Policy(
     request=(prefix_experiment_name("experiment_name"),),
     response=(strip_experiment_names("experiment"), strip_prefix_in_error),
     body=Body.NONE,
+    access=Access.READ,
     description="NE: prefix the queried name, strip it from the answer",
 )
 GET = Policy(
     request=(require_owned_experiment(),),
     response=(strip_experiment_names("experiment"), strip_prefix_in_error),
     body=Body.NONE,
+    access=Access.READ,
     description="OE, then strip the name",
 )
 DELETE_OR_RESTORE = Policy(request=(require_owned_experiment(),), description="OE")

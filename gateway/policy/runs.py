@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from gateway.errors import BadRequest
 from gateway.http.canonical import JsonObject
-from gateway.policy.core import Body, Exchange, Policy, RequestStep
+from gateway.policy.core import Access, Body, Exchange, Policy, RequestStep
 from gateway.policy.experiments import require_owned_experiment
 from gateway.policy.steps import (
     inject_tags,
@@ -107,7 +107,7 @@ CREATE = Policy(
     response=(remember_created_run,),
     description="OE (0 -> tenant Default); user and matih.* tags from the token",
 )
-READ = Policy(request=(_OWNED_RUN,), body=Body.NONE, description="OR")
+READ = Policy(request=(_OWNED_RUN,), body=Body.NONE, access=Access.READ, description="OR")
 WRITE = Policy(request=(_OWNED_RUN,), description="OR")
 SET_OR_DELETE_TAG = Policy(request=(reject_reserved_key("key"), _OWNED_RUN), description="OR; matih.* reserved")
 LOG_METRIC = Policy(request=(_OWNED_RUN, require_owned_model_ids("model_id")), description="OR + OM")
@@ -116,6 +116,12 @@ LOG_BATCH = Policy(
     description="OR + OM; matih.* reserved",
 )
 LOG_INPUTS = Policy(request=(_OWNED_RUN, require_owned_model_ids("models[].model_id")), description="OR + OM")
-SEARCH = Policy(request=(require_owned_experiments("experiment_ids"),), description="OE on every id")
-BULK_HISTORY_INTERVAL = Policy(request=(require_owned_runs("run_ids"),), body=Body.NONE, description="OR each")
-BULK_HISTORY = Policy(request=(require_owned_runs("run_id"),), body=Body.NONE, description="OR each")
+SEARCH = Policy(
+    request=(require_owned_experiments("experiment_ids"),), access=Access.READ, description="OE on every id"
+)
+BULK_HISTORY_INTERVAL = Policy(
+    request=(require_owned_runs("run_ids"),), body=Body.NONE, access=Access.READ, description="OR each"
+)
+BULK_HISTORY = Policy(
+    request=(require_owned_runs("run_id"),), body=Body.NONE, access=Access.READ, description="OR each"
+)

@@ -9,7 +9,7 @@ own route list, so an upgrade cannot silently open a hole. The strategies are th
 from __future__ import annotations
 
 from gateway.policy import experiments, runs
-from gateway.policy.core import Body, Deny, Local, Policy
+from gateway.policy.core import Access, Body, Deny, Local, Policy
 from gateway.policy.router import B2, B3, J2, J3, ROOT, Route, RouteTable, api
 
 # -- reasons ------------------------------------------------------------------------------------
@@ -31,8 +31,10 @@ LEGACY_PROXY = Deny("the legacy deployments proxy reaches a server-wide target")
 NOT_IMPLEMENTED = Deny("MLflow does not implement this endpoint")
 METRICS = Deny("the upstream's Prometheus metrics are server-wide")
 
-PUBLIC_STATIC = Policy(body=Body.NONE, authenticated=False, description="PUB: the open-source UI bundle")
-PUBLIC_INFO = Policy(body=Body.NONE, description="PUB: capability probe")
+PUBLIC_STATIC = Policy(
+    body=Body.NONE, access=Access.READ, authenticated=False, description="PUB: the open-source UI bundle"
+)
+PUBLIC_INFO = Policy(body=Body.NONE, access=Access.READ, description="PUB: capability probe")
 HEALTH = Local("health")
 READY = Local("ready")
 
