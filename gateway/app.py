@@ -14,8 +14,8 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.auth.jwt import TokenVerifier
-from gateway.auth.principal import ADMIN, EDITOR, VIEWER, access_level
+from gateway.auth.jwt import Authenticator
+from gateway.auth.principal import ADMIN, EDITOR, VIEWER, Principal, access_level
 from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, PermissionDenied, Unauthenticated
 from gateway.http.canonical import (
     canonical_path,
@@ -27,6 +27,7 @@ from gateway.http.canonical import (
 from gateway.http.forward import encode_query, send_upstream_response, upstream_headers
 from gateway.http.upstream import UpstreamClient, request_headers
 from gateway.middleware import AuthenticationMiddleware, RequestIdMiddleware, send_error
+from gateway.observability import audit
 from gateway.policy.core import Access, Body, Deny, Exchange, Local, Policy, Services
 from gateway.policy.ownership import Ownership
 from gateway.policy.router import RouteTable
@@ -122,6 +123,8 @@ class Gateway:
             raise Unauthenticated("Authentication required: send 'Authorization: Bearer <token>'")
         if principal is not None and access_level(principal) < action.access:
             raise PermissionDenied(f"This operation needs the '{ROLE_FOR_ACCESS[action.access]}' role")
+        if principal is not None and principal.platform_admin:
+            action = _platform_admin_view(action, principal, method, path, request_id)
         query = parse_query(scope.get("query_string", b""))
         raw_body = await _read_body(receive, limit=self.settings.max_json_body_bytes)
         body = _parse_body(action, method, raw_body)
@@ -173,6 +176,19 @@ class Gateway:
         await send({"type": "http.response.body", "body": body})
 
 
+def _platform_admin_view(action: Policy, principal: Principal, method: str, path: str, request_id: str) -> Policy:
+    """Platform administrators read every tenant's objects as stored upstream, and never write.
+
+    The route's tenancy steps are dropped (no scoping, no prefix stripping): the answer shows real
+    stored names. Every such request is written to the audit log.
+    """
+    if action.access is not Access.READ:
+        audit("platform_admin_denied", user=principal.user, method=method, path=path, request_id=request_id)
+        raise PermissionDenied("Platform administrators are read-only")
+    audit("platform_admin_read", user=principal.user, method=method, path=path, request_id=request_id)
+    return Policy(body=action.body, access=Access.READ, description="platform-admin read of stored objects")
+
+
 def _parse_body(policy: Policy, method: str, raw: bytes) -> dict[str, Any] | None:
     if policy.body is Body.NONE:
         if raw.strip():
@@ -215,10 +231,10 @@ async def _run_lifespan(gateway: Gateway, receive: Receive, send: Send) -> None:
 def create_app(settings: Settings, *, table: RouteTable = TABLE) -> ASGIApp:
     """The whole gateway as one ASGI app; the middleware order is declared here, once."""
     gateway = Gateway(settings, table)
-    verifier = TokenVerifier.from_settings(settings)
+    authenticator = Authenticator.from_settings(settings)
     stack: list[Callable[[ASGIApp], ASGIApp]] = [
         RequestIdMiddleware,
-        lambda app: AuthenticationMiddleware(app, verifier=verifier, is_public=is_public_path),
+        lambda app: AuthenticationMiddleware(app, authenticator=authenticator, is_public=is_public_path),
     ]
     app: ASGIApp = gateway
     for wrap in reversed(stack):

@@ -42,8 +42,10 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.observability import configure_logging
 
     settings = load_settings(config_file=args.config, overrides={"host": args.host, "port": args.port})
+    configure_logging(settings.log_level)
     uvicorn.run(
         create_app(settings),
         host=settings.host,

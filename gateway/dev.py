@@ -548,6 +548,7 @@ def run_dev(*, port: int = 5000, data_dir: Path, jwt_secret: str | None = None) 
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.observability import configure_logging
     from gateway.settings import load_settings
 
     if not _port_available(port):  # fail now rather than after MLflow's start-up
@@ -574,6 +575,7 @@ def run_dev(*, port: int = 5000, data_dir: Path, jwt_secret: str | None = None) 
             gateway_env = {key: value for key, value in os.environ.items() if key.startswith("GATEWAY_")}
             gateway_env |= {"GATEWAY_UPSTREAM_URL": stack.mlflow_url, "GATEWAY_JWT_SECRET": secret}
             settings = load_settings(env=gateway_env, overrides={"host": "127.0.0.1", "port": port})
+            configure_logging(settings.log_level)
             config = uvicorn.Config(
                 create_app(settings),
                 host="127.0.0.1",

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import re
 import uuid
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.auth.jwt import TokenVerifier
+from gateway.auth.jwt import MAX_TOKEN_BYTES, Authenticator, job_label
 from gateway.auth.principal import Principal
 from gateway.errors import BadRequest, GatewayError, HeadersTooLarge, Unauthenticated, error_body
 
 REQUEST_ID_HEADER = b"x-request-id"
-MAX_TOKEN_BYTES = 8 * 1024
+JOB_LABEL_HEADER = b"x-matih-job-id"
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._-]{8,128}$")
 
 
@@ -97,12 +98,15 @@ class AuthenticationMiddleware:
     """Verify the request's token and put the :class:`Principal` in ``scope["state"]``.
 
     Requests to public paths (health, readiness, static UI files) pass without a token; every other
-    request without a valid token is answered 401 here and never reaches the policy or the upstream.
+    request without a valid token is answered here (401, or 403 for a token without a usable tenant)
+    and never reaches the policy or the upstream. Tokens are only read from the ``Authorization``
+    header: never from the query string, never logged. A well-formed ``X-Matih-Job-Id`` header labels
+    the caller's runs when the token carries no job claim; it is never an identity.
     """
 
-    def __init__(self, app: ASGIApp, *, verifier: TokenVerifier, is_public: Callable[[str], bool]) -> None:
+    def __init__(self, app: ASGIApp, *, authenticator: Authenticator, is_public: Callable[[str], bool]) -> None:
         self.app = app
-        self.verifier = verifier
+        self.authenticator = authenticator
         self.is_public = is_public
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -112,16 +116,23 @@ class AuthenticationMiddleware:
         state = scope.setdefault("state", {})
         try:
             token = credential_from_headers(scope["headers"])
+            principal: Principal | None = None
             if token is None:
                 if not self.is_public(scope["path"]):
                     raise Unauthenticated("Authentication required: send 'Authorization: Bearer <token>'")
-                principal: Principal | None = None
             else:
-                if len(token) > MAX_TOKEN_BYTES:
-                    raise HeadersTooLarge("Token is too large")
-                principal = self.verifier.verify(token)
+                principal = await self.authenticator.authenticate(token)
+                principal = _with_job_label(principal, scope["headers"])
         except GatewayError as error:
             await send_error(send, error, request_id=state.get("request_id"))
             return
         state["principal"] = principal
         await self.app(scope, receive, send)
+
+
+def _with_job_label(principal: Principal, headers: list[tuple[bytes, bytes]]) -> Principal:
+    if principal.job is not None:
+        return principal
+    raw = next((value for key, value in headers if key == JOB_LABEL_HEADER), None)
+    label = job_label(raw.decode("latin-1").strip()) if raw else None
+    return dataclasses.replace(principal, job=label) if label else principal

@@ -1,8 +1,12 @@
 """Typed settings from ``GATEWAY_*`` environment variables and an optional TOML file.
 
-Precedence: environment variable > TOML file > default. Every problem is collected and reported
-together in one :class:`SettingsError`, so a misconfigured deployment fails at start-up with one
-message that lists everything to fix.
+Precedence: command-line flag > environment variable > TOML file > default. Every problem is
+collected and reported together in one :class:`SettingsError`, so a misconfigured deployment fails at
+start-up with one message that lists everything to fix.
+
+Token issuers: the ``GATEWAY_JWT_*`` / ``GATEWAY_JWKS_URL`` / ``GATEWAY_OIDC_ISSUER`` variables (and the
+same names at the top of the TOML file) describe the primary issuer; ``[[gateway.issuers]]`` tables in
+the TOML file add more, each with its own keys, audience and claim mapping.
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ from urllib.parse import urlsplit
 ENV_PREFIX = "GATEWAY_"
 # RFC 7518 §3.2: an HMAC key at least as long as the hash output.
 MIN_HS_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
-ALLOWED_JWT_ALGORITHMS = frozenset(MIN_HS_SECRET_BYTES)
+HMAC_ALGORITHMS = frozenset(MIN_HS_SECRET_BYTES)
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
 
 
 class SettingsError(ValueError):
@@ -31,15 +38,51 @@ class SettingsError(ValueError):
 
 
 @dataclass(frozen=True)
+class IssuerSettings:
+    """One token issuer: exactly one key source, its algorithms, audience and claim mapping."""
+
+    name: str
+    algorithms: tuple[str, ...]
+    secret: str | None = field(default=None, repr=False)
+    public_key: str | None = field(default=None, repr=False)
+    jwks_url: str | None = None
+    oidc_issuer: str | None = None
+    issuer: str | None = None
+    audience: str | None = None
+    leeway_seconds: int = 30
+    tenant_claim: str = "tenant_id"
+    user_claim: str = "sub"
+    roles_claim: str = "roles"
+    job_claim: str = "job_id"
+
+    @property
+    def expected_issuer(self) -> str | None:
+        """The ``iss`` tokens must carry: the configured one, else the OIDC issuer."""
+        return self.issuer or self.oidc_issuer
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the gateway process is configured with. Documented in the README."""
 
     upstream_url: str
-    jwt_secret: str = field(repr=False)
-    jwt_algorithms: tuple[str, ...] = ("HS256",)
+    jwt_secret: str | None = field(default=None, repr=False)
+    jwt_public_key: str | None = field(default=None, repr=False)
+    jwt_public_key_file: str | None = None
+    jwks_url: str | None = None
+    oidc_issuer: str | None = None
+    jwt_algorithms: tuple[str, ...] | None = None
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     jwt_leeway_seconds: int = 30
+    tenant_claim: str = "tenant_id"
+    user_claim: str = "sub"
+    roles_claim: str = "roles"
+    job_claim: str = "job_id"
+    platform_admin_role: str = "platform-admin"
+    jwks_cache_seconds: int = 300
+    jwks_refetch_cooldown_seconds: int = 10
+    extra_issuers: tuple[IssuerSettings, ...] = ()
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 64 * 1024 * 1024
@@ -54,6 +97,31 @@ class Settings:
     def upstream_host(self) -> str:
         """``host:port`` of the upstream, for the ``Host`` header MLflow's host allow-list checks."""
         return urlsplit(self.upstream_url).netloc
+
+    def issuers(self) -> tuple[IssuerSettings, ...]:
+        """Every configured issuer: the primary one (from the flat settings) first, if it has a key."""
+        public_key = self.jwt_public_key
+        if public_key is None and self.jwt_public_key_file:
+            public_key = Path(self.jwt_public_key_file).read_text(encoding="utf-8")
+        has_key = any((self.jwt_secret, public_key, self.jwks_url, self.oidc_issuer))
+        if not has_key:
+            return self.extra_issuers
+        primary = IssuerSettings(
+            name="default",
+            algorithms=self.jwt_algorithms or (("HS256",) if self.jwt_secret else ("RS256",)),
+            secret=self.jwt_secret,
+            public_key=public_key,
+            jwks_url=self.jwks_url,
+            oidc_issuer=self.oidc_issuer,
+            issuer=self.jwt_issuer,
+            audience=self.jwt_audience,
+            leeway_seconds=self.jwt_leeway_seconds,
+            tenant_claim=self.tenant_claim,
+            user_claim=self.user_claim,
+            roles_claim=self.roles_claim,
+            job_claim=self.job_claim,
+        )
+        return (primary, *self.extra_issuers)
 
 
 @dataclass(frozen=True)
@@ -105,11 +173,22 @@ def _optional_str(value: Any) -> str | None:
 
 _SPECS: tuple[_Spec, ...] = (
     _Spec("upstream_url", _as_str),
-    _Spec("jwt_secret", _as_str),
+    _Spec("jwt_secret", _optional_str),
+    _Spec("jwt_public_key", _optional_str),
+    _Spec("jwt_public_key_file", _optional_str),
+    _Spec("jwks_url", _optional_str),
+    _Spec("oidc_issuer", _optional_str),
     _Spec("jwt_algorithms", _as_str_tuple),
     _Spec("jwt_issuer", _optional_str),
     _Spec("jwt_audience", _optional_str),
     _Spec("jwt_leeway_seconds", _as_int),
+    _Spec("tenant_claim", _as_str),
+    _Spec("user_claim", _as_str),
+    _Spec("roles_claim", _as_str),
+    _Spec("job_claim", _as_str),
+    _Spec("platform_admin_role", _as_str),
+    _Spec("jwks_cache_seconds", _as_int),
+    _Spec("jwks_refetch_cooldown_seconds", _as_int),
     _Spec("host", _as_str),
     _Spec("port", _as_int),
     _Spec("max_body_bytes", _as_int),
@@ -121,7 +200,24 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("log_level", _as_str),
 )
 SETTING_NAMES = tuple(spec.name for spec in _SPECS)
-_REQUIRED = frozenset({"upstream_url", "jwt_secret"})
+_REQUIRED = frozenset({"upstream_url"})
+# Keys of one [[gateway.issuers]] table and the flat setting each one mirrors.
+_ISSUER_KEYS: dict[str, Callable[[Any], Any]] = {
+    "name": _as_str,
+    "algorithms": _as_str_tuple,
+    "secret": _optional_str,
+    "public_key": _optional_str,
+    "public_key_file": _optional_str,
+    "jwks_url": _optional_str,
+    "oidc_issuer": _optional_str,
+    "issuer": _optional_str,
+    "audience": _optional_str,
+    "leeway_seconds": _as_int,
+    "tenant_claim": _as_str,
+    "user_claim": _as_str,
+    "roles_claim": _as_str,
+    "job_claim": _as_str,
+}
 
 
 def env_name(setting: str) -> str:
@@ -143,11 +239,13 @@ def load_settings(
     environ = os.environ if env is None else env
     problems: list[str] = []
     raw: dict[str, Any] = {}
+    raw_issuers: list[Any] = []
 
     if config_file is None and environ.get(env_name("config")):
         config_file = environ[env_name("config")]
     if config_file is not None:
-        raw.update(_read_toml(Path(config_file), problems))
+        from_file, raw_issuers = _read_toml(Path(config_file), problems)
+        raw.update(from_file)
     for spec in _SPECS:
         if env_name(spec.name) in environ:
             raw[spec.name] = environ[env_name(spec.name)]
@@ -163,29 +261,64 @@ def load_settings(
             values[spec.name] = spec.parse(raw[spec.name])
         except ValueError as exc:
             problems.append(f"{env_name(spec.name)}: {exc}")
-    if not problems:
+    values["extra_issuers"] = tuple(_parse_issuers(raw_issuers, problems))
+    if "upstream_url" in values:
         problems.extend(_validate(values))
     if problems:
         raise SettingsError(problems)
     return Settings(**values)
 
 
-def _read_toml(path: Path, problems: list[str]) -> dict[str, Any]:
+def _read_toml(path: Path, problems: list[str]) -> tuple[dict[str, Any], list[Any]]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         problems.append(f"config file {path}: cannot be read ({exc.strerror or exc})")
-        return {}
+        return {}, []
     except tomllib.TOMLDecodeError as exc:
         problems.append(f"config file {path}: invalid TOML ({exc})")
-        return {}
+        return {}, []
     section = data.get("gateway", data)
     if not isinstance(section, dict):
         problems.append(f"config file {path}: [gateway] must be a table")
-        return {}
-    unknown = sorted(set(section) - set(SETTING_NAMES) - {"gateway"})
+        return {}, []
+    issuers = section.get("issuers", [])
+    if not isinstance(issuers, list):
+        problems.append(f"config file {path}: issuers must be a list of tables ([[gateway.issuers]])")
+        issuers = []
+    unknown = sorted(set(section) - set(SETTING_NAMES) - {"gateway", "issuers"})
     problems.extend(f"config file {path}: unknown setting {key!r}" for key in unknown)
-    return {key: value for key, value in section.items() if key in SETTING_NAMES}
+    return {key: value for key, value in section.items() if key in SETTING_NAMES}, issuers
+
+
+def _parse_issuers(tables: list[Any], problems: list[str]) -> list[IssuerSettings]:
+    issuers: list[IssuerSettings] = []
+    for index, table in enumerate(tables):
+        where = f"issuers[{index}]"
+        if not isinstance(table, dict):
+            problems.append(f"{where}: must be a table")
+            continue
+        values: dict[str, Any] = {}
+        for key, value in table.items():
+            parse = _ISSUER_KEYS.get(key)
+            if parse is None:
+                problems.append(f"{where}: unknown key {key!r}")
+                continue
+            try:
+                values[key] = parse(value)
+            except ValueError as exc:
+                problems.append(f"{where}.{key}: {exc}")
+        key_file = values.pop("public_key_file", None)
+        if key_file and not values.get("public_key"):
+            try:
+                values["public_key"] = Path(key_file).read_text(encoding="utf-8")
+            except OSError as exc:
+                problems.append(f"{where}.public_key_file: cannot be read ({exc.strerror or exc})")
+        values.setdefault("name", values.get("issuer") or values.get("oidc_issuer") or where)
+        if "algorithms" not in values:
+            values["algorithms"] = ("HS256",) if values.get("secret") else ("RS256",)
+        issuers.append(IssuerSettings(**values))
+    return issuers
 
 
 def _validate(values: dict[str, Any]) -> list[str]:
@@ -199,29 +332,81 @@ def _validate(values: dict[str, Any]) -> list[str]:
     elif upstream.path not in ("", "/") or upstream.query or upstream.fragment:
         problems.append(f"{env_name('upstream_url')}: must not have a path, query or fragment")
 
-    algorithms = merged["jwt_algorithms"]
-    bad = sorted(set(algorithms) - ALLOWED_JWT_ALGORITHMS)
-    if not algorithms:
-        problems.append(f"{env_name('jwt_algorithms')}: at least one algorithm is required")
-    if bad:
+    if merged["jwt_public_key_file"] and not merged["jwt_public_key"]:
+        try:
+            Path(merged["jwt_public_key_file"]).read_text(encoding="utf-8")
+        except OSError as exc:
+            problems.append(f"{env_name('jwt_public_key_file')}: cannot be read ({exc.strerror or exc})")
+            return problems
+    issuers = Settings(**merged).issuers()
+    if not issuers:
         problems.append(
-            f"{env_name('jwt_algorithms')}: unsupported {', '.join(bad)} "
-            f"(allowed: {', '.join(sorted(ALLOWED_JWT_ALGORITHMS))})"
+            "no token issuer configured: set GATEWAY_JWT_SECRET, GATEWAY_JWT_PUBLIC_KEY(_FILE), GATEWAY_JWKS_URL "
+            "or GATEWAY_OIDC_ISSUER (or [[gateway.issuers]] in the config file)"
         )
-    needed = max((MIN_HS_SECRET_BYTES[alg] for alg in algorithms if alg in MIN_HS_SECRET_BYTES), default=32)
-    if len(merged["jwt_secret"].encode()) < needed:
-        problems.append(f"{env_name('jwt_secret')}: must be at least {needed} bytes for {', '.join(algorithms)}")
+    for issuer in issuers:
+        problems.extend(_validate_issuer(issuer, primary=issuer.name == "default"))
+    if len(issuers) > 1:
+        names = [issuer.expected_issuer for issuer in issuers]
+        if None in names:
+            problems.append("with several issuers, every issuer needs its 'issuer' (iss) or 'oidc_issuer' set")
+        elif len(set(names)) != len(names):
+            problems.append("two issuers have the same 'issuer' (iss) value")
 
     if not 0 < merged["port"] < 65536:
         problems.append(f"{env_name('port')}: must be between 1 and 65535")
-    for name in ("max_body_bytes", "max_json_body_bytes", "upstream_pool_size", "cache_size"):
-        if merged[name] <= 0:
-            problems.append(f"{env_name(name)}: must be positive")
-    for name in ("upstream_connect_timeout", "upstream_timeout"):
-        if merged[name] <= 0:
-            problems.append(f"{env_name(name)}: must be positive")
-    if merged["jwt_leeway_seconds"] < 0:
-        problems.append(f"{env_name('jwt_leeway_seconds')}: must not be negative")
+    positive = (
+        "max_body_bytes",
+        "max_json_body_bytes",
+        "upstream_pool_size",
+        "cache_size",
+        "upstream_connect_timeout",
+        "upstream_timeout",
+        "jwks_cache_seconds",
+    )
+    problems.extend(f"{env_name(name)}: must be positive" for name in positive if merged[name] <= 0)
+    for name in ("jwt_leeway_seconds", "jwks_refetch_cooldown_seconds"):
+        if merged[name] < 0:
+            problems.append(f"{env_name(name)}: must not be negative")
     if merged["log_level"].lower() not in ("critical", "error", "warning", "info", "debug"):
         problems.append(f"{env_name('log_level')}: must be one of critical, error, warning, info, debug")
+    return problems
+
+
+def _validate_issuer(issuer: IssuerSettings, *, primary: bool) -> list[str]:
+    """Exactly one key source, and algorithms that fit it: an HS key never verifies RS/ES and the reverse."""
+    where = "GATEWAY_JWT_*" if primary else f"issuer {issuer.name!r}"
+    problems: list[str] = []
+    sources = [
+        name
+        for name, value in (
+            ("secret", issuer.secret),
+            ("public key", issuer.public_key),
+            ("JWKS URL", issuer.jwks_url),
+            ("OIDC issuer", issuer.oidc_issuer),
+        )
+        if value
+    ]
+    if len(sources) != 1:
+        problems.append(f"{where}: configure exactly one key source, got {', '.join(sources) or 'none'}")
+        return problems
+    algorithms = set(issuer.algorithms)
+    if not algorithms:
+        problems.append(f"{where}: at least one algorithm is required")
+    if "none" in {alg.lower() for alg in algorithms}:
+        problems.append(f"{where}: the 'none' algorithm is never allowed")
+    allowed = HMAC_ALGORITHMS if issuer.secret else ASYMMETRIC_ALGORITHMS
+    kind = "a shared secret (HS*)" if issuer.secret else "public keys (RS*, PS*, ES*, EdDSA)"
+    bad = sorted(alg for alg in algorithms - allowed if alg.lower() != "none")
+    if bad:
+        problems.append(f"{where}: algorithms {', '.join(bad)} cannot be verified with {kind}")
+    if issuer.secret:
+        needed = max((MIN_HS_SECRET_BYTES[alg] for alg in algorithms if alg in MIN_HS_SECRET_BYTES), default=32)
+        if len(issuer.secret.encode()) < needed:
+            problems.append(f"{where}: the secret must be at least {needed} bytes for {', '.join(sorted(algorithms))}")
+    for url_name, url in (("JWKS URL", issuer.jwks_url), ("OIDC issuer", issuer.oidc_issuer)):
+        if url and urlsplit(url).scheme not in ("http", "https"):
+            problems.append(f"{where}: the {url_name} must be an http(s) URL")
+    if issuer.leeway_seconds < 0:
+        problems.append(f"{where}: leeway must not be negative")
     return problems

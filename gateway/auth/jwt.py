@@ -1,89 +1,215 @@
 """JWT verification: a credential from the request becomes a :class:`Principal`.
 
 Algorithms come from configuration only, never from the token header, and ``none`` is never
-accepted. ``exp`` is always required; ``iss``/``aud`` are checked when configured.
+accepted; an issuer configured with a shared secret only accepts HS* tokens, one configured with public
+keys only RS/PS/ES/EdDSA tokens. ``exp`` is always required; ``iss``/``aud`` are checked when
+configured; ``nbf``/``iat`` are honoured with the configured leeway. With several issuers, the token's
+``iss`` selects which one verifies it (an unverified read used only for that choice).
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from jwt.types import Options
 
+from gateway.auth.keys import Fetcher, JwksKeys, KeySource, OidcKeys, StaticKey, fetch_json
 from gateway.auth.principal import Principal, is_valid_tenant_id
-from gateway.errors import Unauthenticated
-from gateway.settings import Settings
+from gateway.errors import HeadersTooLarge, PermissionDenied, Unauthenticated
+from gateway.settings import IssuerSettings, Settings
 
-TENANT_CLAIM = "tenant_id"
-USER_CLAIMS = ("user_id", "preferred_username", "sub")
-ROLES_CLAIM = "roles"
-JOB_CLAIM = "job_id"
+MAX_TOKEN_BYTES = 8 * 1024
+JOB_LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
+VERIFIED_CACHE_SIZE = 10_000
+VERIFIED_CACHE_SECONDS = 60.0
+
+_ERRORS: tuple[tuple[type[Exception], str], ...] = (
+    (jwt.ExpiredSignatureError, "Token has expired"),
+    (jwt.ImmatureSignatureError, "Token is not valid yet (nbf/iat in the future)"),
+    (jwt.InvalidAudienceError, "Token audience is not accepted"),
+    (jwt.InvalidIssuerError, "Token issuer is not accepted"),
+    (jwt.InvalidSignatureError, "Token signature is invalid"),
+    (jwt.InvalidAlgorithmError, "Token algorithm is not accepted"),
+    (jwt.DecodeError, "Token is malformed"),
+)
 
 
-@dataclass(frozen=True)
-class TokenVerifier:
-    """Verifies HS-signed tokens with the configured secret and maps claims to a Principal."""
+def _claim(claims: dict[str, Any], path: str) -> Any:
+    """A claim by name, or by dotted path into nested objects (``realm_access.roles``).
 
-    secret: str
-    algorithms: tuple[str, ...]
-    issuer: str | None = None
-    audience: str | None = None
-    leeway: int = 30
+    The whole name is tried first, so URL-shaped custom claims (``https://example.com/tenant``) work.
+    """
+    if path in claims:
+        return claims[path]
+    value: Any = claims
+    for part in path.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> TokenVerifier:
-        """Build the verifier from validated settings."""
-        return cls(
-            secret=settings.jwt_secret,
-            algorithms=settings.jwt_algorithms,
-            issuer=settings.jwt_issuer,
-            audience=settings.jwt_audience,
-            leeway=settings.jwt_leeway_seconds,
-        )
 
-    def verify(self, token: str) -> Principal:
-        """Return the principal of a valid token; raise :class:`Unauthenticated` otherwise."""
-        required = ["exp"] + (["iss"] if self.issuer else []) + (["aud"] if self.audience else [])
+class IssuerVerifier:
+    """Verifies the tokens of one issuer and maps its claims to a :class:`Principal`."""
+
+    def __init__(self, config: IssuerSettings, keys: KeySource, *, platform_admin_role: str) -> None:
+        self.config = config
+        self.keys = keys
+        self.platform_admin_role = platform_admin_role
+        required = ["exp"]
+        if config.expected_issuer:
+            required.append("iss")
+        if config.audience:
+            required.append("aud")
+        self._options: Options = {"require": required, "verify_aud": config.audience is not None}
+
+    async def verify(self, token: str, header: dict[str, Any]) -> Principal:
+        """Verify signature and claims; map them to a Principal."""
+        if header.get("alg") not in self.config.algorithms:
+            raise Unauthenticated(f"Token algorithm {header.get('alg')!r} is not accepted")
+        kid = header.get("kid")
+        key = await self.keys.key_for(kid if isinstance(kid, str) else None)
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
-                self.secret,
-                algorithms=list(self.algorithms),
-                issuer=self.issuer,
-                audience=self.audience,
-                leeway=self.leeway,
-                options={"require": required, "verify_aud": self.audience is not None},
+                key,
+                algorithms=list(self.config.algorithms),
+                issuer=self.config.expected_issuer,
+                audience=self.config.audience,
+                leeway=self.config.leeway_seconds,
+                options=self._options,
             )
-        except jwt.ExpiredSignatureError:
-            raise Unauthenticated("Token has expired") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise Unauthenticated(f"Token lacks the required '{exc.claim}' claim") from None
         except jwt.InvalidTokenError as exc:
-            raise Unauthenticated(f"Invalid token: {exc}") from None
-        return principal_from_claims(claims, issuer=self.issuer)
+            message = next((text for kind, text in _ERRORS if isinstance(exc, kind)), "Token is invalid")
+            raise Unauthenticated(message) from None
+        return self.principal_from_claims(claims)
 
-
-def principal_from_claims(claims: dict[str, Any], *, issuer: str | None) -> Principal:
-    """Map verified claims to a Principal; a token without a usable tenant is refused."""
-    tenant = claims.get(TENANT_CLAIM)
-    if not isinstance(tenant, str) or not is_valid_tenant_id(tenant):
-        raise Unauthenticated(
-            f"Token has no valid '{TENANT_CLAIM}' claim (lowercase letters, digits and '-', at most 63)"
+    def principal_from_claims(self, claims: dict[str, Any]) -> Principal:
+        """Map verified claims to a Principal (claim names from the issuer's configuration)."""
+        config = self.config
+        roles = _roles(_claim(claims, config.roles_claim), config.roles_claim)
+        platform_admin = self.platform_admin_role in roles
+        raw_tenant = _claim(claims, config.tenant_claim)
+        tenant = raw_tenant.lower() if isinstance(raw_tenant, str) else None
+        if tenant is None or not is_valid_tenant_id(tenant):
+            if not platform_admin:
+                raise PermissionDenied(
+                    f"Token has no valid tenant claim '{config.tenant_claim}': lowercase letters, digits and '-', "
+                    "1 to 63 characters, starting and ending with a letter or digit"
+                )
+            tenant = ""
+        user = _claim(claims, config.user_claim)
+        if not isinstance(user, str) or not user:
+            user = claims.get("email")
+        if not isinstance(user, str) or not user:
+            raise Unauthenticated(f"Token has no user claim ('{config.user_claim}' or 'email')")
+        job = _claim(claims, config.job_claim)
+        if job is not None and not isinstance(job, str):
+            raise Unauthenticated(f"Token claim '{config.job_claim}' must be a string")
+        return Principal(
+            tenant=tenant,
+            user=user,
+            roles=frozenset(roles),
+            job=job or None,
+            issuer=config.expected_issuer or config.name,
+            platform_admin=platform_admin,
         )
-    user = next((claims[c] for c in USER_CLAIMS if isinstance(claims.get(c), str) and claims[c]), None)
-    if user is None:
-        raise Unauthenticated("Token has no user claim (user_id, preferred_username or sub)")
-    roles = claims.get(ROLES_CLAIM, [])
-    if isinstance(roles, str):
-        roles = roles.split()
-    if not isinstance(roles, list) or not all(isinstance(role, str) for role in roles):
-        raise Unauthenticated(f"Token claim '{ROLES_CLAIM}' must be a list of strings")
-    job = claims.get(JOB_CLAIM)
-    if job is not None and not isinstance(job, str):
-        raise Unauthenticated(f"Token claim '{JOB_CLAIM}' must be a string")
-    return Principal(tenant=tenant, user=user, roles=frozenset(roles), job=job, issuer=issuer)
+
+
+def _roles(value: Any, claim: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return value.split()
+    if isinstance(value, list) and all(isinstance(role, str) for role in value):
+        return value
+    raise Unauthenticated(f"Token claim '{claim}' must be a list of strings or a space-separated string")
+
+
+class Authenticator:
+    """Turns a bearer token into a Principal: picks the issuer, verifies, caches the result briefly.
+
+    A verified token is remembered (by its SHA-256) until it expires or for at most a minute, so a
+    client's steady stream of requests does not pay for signature verification every time.
+    """
+
+    def __init__(self, verifiers: Iterable[IssuerVerifier], *, clock: Any = time.time) -> None:
+        self.verifiers = list(verifiers)
+        self._by_issuer = {v.config.expected_issuer: v for v in self.verifiers if v.config.expected_issuer}
+        self._clock = clock
+        self._verified: OrderedDict[bytes, tuple[Principal, float]] = OrderedDict()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, fetch: Fetcher = fetch_json) -> Authenticator:
+        """Build every configured issuer's verifier with its key source."""
+        verifiers = []
+        for config in settings.issuers():
+            keys: KeySource
+            options = {
+                "ttl_seconds": float(settings.jwks_cache_seconds),
+                "cooldown_seconds": float(settings.jwks_refetch_cooldown_seconds),
+                "fetch": fetch,
+            }
+            if config.secret:
+                keys = StaticKey.secret(config.secret)
+            elif config.public_key:
+                keys = StaticKey.public_key(config.public_key)
+            elif config.jwks_url:
+                keys = JwksKeys(config.jwks_url, **options)  # type: ignore[arg-type]
+            else:
+                assert config.oidc_issuer is not None
+                keys = OidcKeys(config.oidc_issuer, **options)  # type: ignore[arg-type]
+            verifiers.append(IssuerVerifier(config, keys, platform_admin_role=settings.platform_admin_role))
+        return cls(verifiers)
+
+    async def authenticate(self, token: str) -> Principal:
+        """The Principal of a valid token; :class:`Unauthenticated` (401) or 403 otherwise."""
+        if len(token) > MAX_TOKEN_BYTES:
+            raise HeadersTooLarge("Token is too large")
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        now = self._clock()
+        cached = self._verified.get(digest)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        try:
+            header = jwt.get_unverified_header(token)
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.InvalidTokenError:
+            raise Unauthenticated("Token is malformed") from None
+        verifier = self._select(unverified.get("iss"))
+        principal = await verifier.verify(token, header)
+        expires = unverified.get("exp")
+        if isinstance(expires, int | float):
+            self._remember(digest, principal, min(float(expires), now + VERIFIED_CACHE_SECONDS))
+        return principal
+
+    def _select(self, issuer: Any) -> IssuerVerifier:
+        if len(self.verifiers) == 1:
+            return self.verifiers[0]
+        verifier = self._by_issuer.get(issuer) if isinstance(issuer, str) else None
+        if verifier is None:
+            raise Unauthenticated("Token issuer is not accepted")
+        return verifier
+
+    def _remember(self, digest: bytes, principal: Principal, until: float) -> None:
+        self._verified[digest] = (principal, until)
+        self._verified.move_to_end(digest)
+        if len(self._verified) > VERIFIED_CACHE_SIZE:
+            self._verified.popitem(last=False)
+
+
+def job_label(value: str) -> str | None:
+    """A client ``X-Matih-Job-Id`` label when well-formed (a run tag value, never an identity)."""
+    return value if JOB_LABEL_PATTERN.match(value) else None
 
 
 def mint_token(
@@ -104,14 +230,14 @@ def mint_token(
     now = int(time.time())
     claims: dict[str, Any] = {
         "sub": user,
-        TENANT_CLAIM: tenant,
-        ROLES_CLAIM: sorted(set(roles)),
+        "tenant_id": tenant,
+        "roles": sorted(set(roles)),
         "iat": now,
         "exp": now + ttl_seconds,
         "jti": uuid.uuid4().hex,
     }
     if job:
-        claims[JOB_CLAIM] = job
+        claims["job_id"] = job
     if issuer:
         claims["iss"] = issuer
     if audience:

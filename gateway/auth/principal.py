@@ -19,6 +19,8 @@ class Principal:
     roles: frozenset[str] = frozenset()
     job: str | None = None
     issuer: str | None = None
+    # Reads every tenant's objects with their stored names, never writes (role name is configurable).
+    platform_admin: bool = False
 
     def has_role(self, role: str) -> bool:
         """True when the token grants ``role``."""

@@ -53,19 +53,27 @@ def test_every_problem_is_reported_at_once() -> None:
             }
         )
     message = str(caught.value)
-    for fragment in ("GATEWAY_UPSTREAM_URL", "GATEWAY_JWT_SECRET", "GATEWAY_PORT", "none", "GATEWAY_UPSTREAM_TIMEOUT"):
+    for fragment in (
+        "GATEWAY_UPSTREAM_URL",
+        "'none' algorithm is never allowed",
+        "RS256 cannot be verified with a shared secret",
+        "secret must be at least",
+        "GATEWAY_PORT",
+        "GATEWAY_UPSTREAM_TIMEOUT",
+    ):
         assert fragment in message
-    assert len(caught.value.problems) == 5
+    assert len(caught.value.problems) == 6
 
 
 def test_missing_required_and_unparseable_values() -> None:
     with pytest.raises(SettingsError) as caught:
         load_settings(env={"GATEWAY_PORT": "eighty"})
     assert sorted(caught.value.problems) == [
-        "GATEWAY_JWT_SECRET: is required",
         "GATEWAY_PORT: must be an integer, got 'eighty'",
         "GATEWAY_UPSTREAM_URL: is required",
     ]
+    with pytest.raises(SettingsError, match="no token issuer configured"):
+        load_settings(env={"GATEWAY_UPSTREAM_URL": "http://x:1"})
 
 
 def test_bad_config_file_is_reported(tmp_path: Path) -> None:
@@ -89,3 +97,86 @@ def test_example_config_file_is_valid() -> None:
     example = Path(__file__).parents[2] / "config" / "gateway.example.toml"
     settings = load_settings(env={"GATEWAY_JWT_SECRET": SECRET}, config_file=example)
     assert settings.upstream_url == "http://127.0.0.1:5001"
+
+
+PEM = """-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEQ9nZUjD0zEN8K2Qq3fpNkn2s0l5v
+3gqkFxFxBt9S6bbn9e5Yx6cQnMnAHpPpWqUgOt0Zi9KmgFyLRmF1xgkHFQ==
+-----END PUBLIC KEY-----
+"""
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({"GATEWAY_JWT_SECRET": SECRET, "GATEWAY_JWKS_URL": "http://idp/jwks"}, "exactly one key source"),
+        ({"GATEWAY_JWKS_URL": "http://idp/jwks", "GATEWAY_JWT_ALGORITHMS": "HS256"}, "HS256 cannot be verified"),
+        ({"GATEWAY_JWT_PUBLIC_KEY": PEM, "GATEWAY_JWT_ALGORITHMS": "RS256,none"}, "'none'"),
+        ({"GATEWAY_OIDC_ISSUER": "ftp://idp"}, "must be an http\\(s\\) URL"),
+        ({"GATEWAY_JWT_PUBLIC_KEY_FILE": "/nonexistent/key.pem"}, "cannot be read"),
+        ({"GATEWAY_JWT_SECRET": "x" * 40, "GATEWAY_JWT_ALGORITHMS": "HS512"}, "at least 64 bytes"),
+    ],
+)
+def test_key_source_problems(env: dict[str, str], problem: str) -> None:
+    with pytest.raises(SettingsError, match=problem):
+        load_settings(env={"GATEWAY_UPSTREAM_URL": "http://x:1", **env})
+
+
+def test_asymmetric_sources_default_to_rs256(tmp_path: Path) -> None:
+    key_file = tmp_path / "key.pem"
+    key_file.write_text(PEM)
+    settings = load_settings(env={"GATEWAY_UPSTREAM_URL": "http://x:1", "GATEWAY_JWT_PUBLIC_KEY_FILE": str(key_file)})
+    (issuer,) = settings.issuers()
+    assert issuer.algorithms == ("RS256",) and issuer.public_key == PEM
+    oidc = load_settings(env={"GATEWAY_UPSTREAM_URL": "http://x:1", "GATEWAY_OIDC_ISSUER": "https://idp/realms/a"})
+    assert oidc.issuers()[0].expected_issuer == "https://idp/realms/a"
+
+
+def test_several_issuers_from_the_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f"""
+[gateway]
+upstream_url = "http://mlflow:5000"
+jwt_secret = "{SECRET}"
+jwt_issuer = "https://ci"
+
+[[gateway.issuers]]
+oidc_issuer = "https://keycloak/realms/acme"
+audience = "mlflow"
+roles_claim = "realm_access.roles"
+
+[[gateway.issuers]]
+name = "okta"
+jwks_url = "https://okta/oauth2/default/v1/keys"
+issuer = "https://okta/oauth2/default"
+algorithms = ["RS256", "ES256"]
+tenant_claim = "org"
+"""
+    )
+    issuers = load_settings(env={}, config_file=config).issuers()
+    assert [issuer.expected_issuer for issuer in issuers] == [
+        "https://ci",
+        "https://keycloak/realms/acme",
+        "https://okta/oauth2/default",
+    ]
+    assert issuers[1].roles_claim == "realm_access.roles" and issuers[1].audience == "mlflow"
+    assert issuers[2].algorithms == ("RS256", "ES256") and issuers[2].tenant_claim == "org"
+
+
+def test_several_issuers_need_distinct_iss(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f"""
+upstream_url = "http://mlflow:5000"
+jwt_secret = "{SECRET}"
+
+[[issuers]]
+jwks_url = "https://okta/keys"
+colour = "blue"
+"""
+    )
+    with pytest.raises(SettingsError) as caught:
+        load_settings(env={}, config_file=config)
+    assert any("unknown key 'colour'" in p for p in caught.value.problems)
+    assert any("every issuer needs" in p for p in caught.value.problems)
