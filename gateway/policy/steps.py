@@ -6,6 +6,7 @@ call and may answer locally by raising; response steps rewrite a buffered JSON r
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 from gateway.errors import BadRequest, PermissionDenied
@@ -60,8 +61,17 @@ def tag_list(ex: Exchange, field: str) -> list[JsonObject]:
 
 
 def is_reserved_tag(key: object) -> bool:
-    """True for keys in the gateway's reserved ``matih.`` namespace (any letter case)."""
-    return isinstance(key, str) and key.strip().lower().startswith(RESERVED_TAG_PREFIX)
+    """True for keys in the gateway's reserved ``matih.`` namespace.
+
+    Compared after Unicode NFKC normalisation and case-folding, with surrounding white space and
+    invisible format characters removed, so ``MATIH.x``, full-width letters or a zero-width space inside
+    cannot slip a look-alike of a provenance tag past the check.
+    """
+    if not isinstance(key, str):
+        return False
+    folded = unicodedata.normalize("NFKC", key).casefold()
+    visible = "".join(ch for ch in folded if unicodedata.category(ch) != "Cf").strip()
+    return visible.startswith(RESERVED_TAG_PREFIX)
 
 
 def reserved_tag_denied(key: str) -> PermissionDenied:

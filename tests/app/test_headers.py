@@ -27,8 +27,16 @@ HOSTILE_HEADERS = {
     "Proxy-Authorization": "Basic YWRtaW46YWRtaW4=",
     "X-Mlflow-Experiment-Id": "0",
     "Transfer-Encoding-Hint": "chunked",
+    "X_MLFLOW_WORKSPACE": "globex",
+    "X-Mlflow_Workspace": "globex",
+    "X-Forwarded-User": "admin",
+    "X-Matih-Tenant-Id": "globex",
+    "X-Matih-User-Id": "admin",
+    "X-Matih-Job-Id": "job-label",
+    "Connection": "keep-alive, X-Hop-Secret",
+    "X-Hop-Secret": "1",
 }
-NEVER_FORWARDED = {name.lower() for name in HOSTILE_HEADERS} - {"x-forwarded-for", "x-forwarded-proto"}
+NEVER_FORWARDED = {name.lower() for name in HOSTILE_HEADERS} - {"x-forwarded-for", "x-forwarded-proto", "connection"}
 REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
 
 

@@ -173,3 +173,24 @@ def test_lone_surrogates_are_refused(body: bytes) -> None:
 
 def test_surrogate_pairs_are_fine() -> None:
     assert parse_json_object(b'{"name": "\\ud83d\\ude00"}') == {"name": "\U0001f600"}
+
+
+@pytest.mark.parametrize(
+    ("key", "reserved"),
+    [
+        ("matih.tenant_id", True),
+        ("MATIH.tenant_id", True),
+        (" matih.x", True),
+        ("\uff4d\uff41\uff54\uff49\uff48.x", True),  # full-width letters
+        ("ma\u200btih.x", True),  # zero-width space
+        ("\uff2d\uff21\uff34\uff29\uff28.user_id", True),
+        ("matih_x", False),
+        ("mlflow.user", False),
+        ("team.matih.x", False),
+        (42, False),
+    ],
+)
+def test_reserved_tag_keys(key: object, reserved: bool) -> None:
+    from gateway.policy.steps import is_reserved_tag
+
+    assert is_reserved_tag(key) is reserved
