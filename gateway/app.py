@@ -10,10 +10,12 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.artifacts.s3 import ArtifactStore, store_from_environment
 from gateway.auth.jwt import Authenticator
 from gateway.auth.principal import ADMIN, EDITOR, VIEWER, Principal, access_level
 from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, PermissionDenied, Unauthenticated
@@ -28,7 +30,7 @@ from gateway.http.forward import encode_query, send_upstream_response, upstream_
 from gateway.http.upstream import UpstreamClient, request_headers
 from gateway.middleware import AuthenticationMiddleware, RequestIdMiddleware, send_error
 from gateway.observability import audit
-from gateway.policy.core import Access, Body, Deny, Exchange, Local, Policy, Services
+from gateway.policy.core import Access, Body, Deny, Exchange, Local, Policy, Served, Services
 from gateway.policy.ownership import Ownership
 from gateway.policy.router import RouteTable
 from gateway.policy.table import TABLE
@@ -36,6 +38,7 @@ from gateway.settings import Settings
 
 logger = logging.getLogger("gateway")
 
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
 ROLE_FOR_ACCESS = {Access.READ: VIEWER, Access.WRITE: EDITOR, Access.ADMIN: ADMIN}
 PUBLIC_PREFIXES = ("/static-files/", "/build/")
 PUBLIC_PATHS = frozenset({"/health", "/ready"})
@@ -49,9 +52,12 @@ def is_public_path(path: str) -> bool:
 class Gateway:
     """The innermost ASGI app: canonicalise, look up the route, run the policy, forward."""
 
-    def __init__(self, settings: Settings, table: RouteTable = TABLE) -> None:
+    def __init__(
+        self, settings: Settings, table: RouteTable = TABLE, artifact_store: ArtifactStore | None = None
+    ) -> None:
         self.settings = settings
         self.table = table
+        self.artifact_store = artifact_store
         self.services: Services | None = None
 
     @contextlib.asynccontextmanager
@@ -64,10 +70,18 @@ class Gateway:
             pool_size=self.settings.upstream_pool_size,
         )
         await upstream.start()
+        artifacts = self.artifact_store
+        if artifacts is None and self.settings.artifacts_destination:
+            artifacts = store_from_environment(
+                self.settings.artifacts_destination,
+                public_endpoint_url=self.settings.s3_public_endpoint_url,
+                presign_ttl_seconds=self.settings.presigned_url_ttl_seconds,
+            )
         self.services = Services(
             settings=self.settings,
             upstream=upstream,
             ownership=Ownership(upstream, max_size=self.settings.cache_size),
+            artifacts=artifacts,
         )
         try:
             yield
@@ -119,15 +133,20 @@ class Gateway:
             await self._local(action, services, send)
             return
         principal = scope["state"].get("principal")
-        if action.authenticated and principal is None:
+        authenticated = action.authenticated if isinstance(action, Policy) else True
+        if authenticated and principal is None:
             raise Unauthenticated("Authentication required: send 'Authorization: Bearer <token>'")
         if principal is not None and access_level(principal) < action.access:
             raise PermissionDenied(f"This operation needs the '{ROLE_FOR_ACCESS[action.access]}' role")
-        if principal is not None and principal.platform_admin:
+        admin_view = principal is not None and principal.platform_admin
+        if admin_view:
             action = _platform_admin_view(action, principal, method, path, request_id)
         query = parse_query(scope.get("query_string", b""))
-        raw_body = await _read_body(receive, limit=self.settings.max_json_body_bytes)
-        body = _parse_body(action, method, raw_body)
+        raw_body = b""
+        body = None
+        if action.body is not Body.STREAM:
+            raw_body = await _read_body(receive, limit=self.settings.max_json_body_bytes)
+            body = _parse_body(action, method, raw_body, normalise=not admin_view)
         ex = Exchange(
             principal=principal,
             method=method,
@@ -137,9 +156,14 @@ class Gateway:
             body=body,
             services=services,
             request_id=request_id,
+            raw_body=raw_body if action.body is Body.RAW else b"",
+            headers=_request_headers(scope),
         )
         client = scope.get("client")
         request_headers.set({"x-request-id": request_id, "x-forwarded-for": client[0] if client else "unknown"})
+        if isinstance(action, Served):
+            await action.handler(ex, receive, send)
+            return
         for step in action.request:
             await step(ex)
         await self._forward(scope, ex, action, send)
@@ -148,7 +172,11 @@ class Gateway:
         assert self.services is not None
         content = dump_json(ex.body) if ex.body is not None else None
         headers = upstream_headers(scope, ex, content_type="application/json" if content is not None else None)
-        target = ex.path + (f"?{encode_query(ex.query)}" if ex.query else "")
+        if policy.body is Body.RAW:  # the checked bytes a step left; its content type is in forward_headers
+            content = ex.raw_body
+        # The path was decoded once for checking: re-encode it, so a `%3F` or `%23` inside a segment
+        # (a tag key, an artifact name) stays part of the path upstream instead of starting a query.
+        target = quote(ex.path, safe=_PATH_SAFE) + (f"?{encode_query(ex.query)}" if ex.query else "")
         response = await self.services.upstream.send(ex.method, target, headers=headers, body=content)
         try:
             await send_upstream_response(ex, policy, response, send)
@@ -176,25 +204,41 @@ class Gateway:
         await send({"type": "http.response.body", "body": body})
 
 
-def _platform_admin_view(action: Policy, principal: Principal, method: str, path: str, request_id: str) -> Policy:
+def _platform_admin_view(
+    action: Policy | Served, principal: Principal, method: str, path: str, request_id: str
+) -> Policy | Served:
     """Platform administrators read every tenant's objects as stored upstream, and never write.
 
-    The route's tenancy steps are dropped (no scoping, no prefix stripping): the answer shows real
-    stored names. Every such request is written to the audit log.
+    A forwarded route's tenancy steps are dropped (no scoping, no prefix stripping): the answer shows
+    real stored names. Routes the gateway serves itself skip their ownership checks for them. Every
+    such request is written to the audit log.
     """
     if action.access is not Access.READ:
         audit("platform_admin_denied", user=principal.user, method=method, path=path, request_id=request_id)
         raise PermissionDenied("Platform administrators are read-only")
     audit("platform_admin_read", user=principal.user, method=method, path=path, request_id=request_id)
+    if isinstance(action, Served):
+        return action
     return Policy(body=action.body, access=Access.READ, description="platform-admin read of stored objects")
 
 
-def _parse_body(policy: Policy, method: str, raw: bytes) -> dict[str, Any] | None:
-    if policy.body is Body.NONE:
+def _request_headers(scope: Scope) -> dict[str, list[str]]:
+    """The request headers by lower-case name, every value kept (for Body.RAW policy steps)."""
+    headers: dict[str, list[str]] = {}
+    for key, value in scope["headers"]:
+        headers.setdefault(key.decode("latin-1").lower(), []).append(value.decode("latin-1"))
+    return headers
+
+
+def _parse_body(action: Policy | Served, method: str, raw: bytes, *, normalise: bool = True) -> dict[str, Any] | None:
+    if action.body is Body.RAW:
+        return None
+    if action.body is Body.NONE:
         if raw.strip():
             raise BadRequest(f"A {method} request to this endpoint must not carry a body")
         return None
-    return normalise_field_names(parse_json_object(raw))
+    parsed = parse_json_object(raw)
+    return normalise_field_names(parsed) if normalise else parsed
 
 
 async def _read_body(receive: Receive, *, limit: int) -> bytes:
@@ -228,9 +272,14 @@ async def _run_lifespan(gateway: Gateway, receive: Receive, send: Send) -> None:
     await send({"type": "lifespan.shutdown.complete"})
 
 
-def create_app(settings: Settings, *, table: RouteTable = TABLE) -> ASGIApp:
-    """The whole gateway as one ASGI app; the middleware order is declared here, once."""
-    gateway = Gateway(settings, table)
+def create_app(
+    settings: Settings, *, table: RouteTable = TABLE, artifact_store: ArtifactStore | None = None
+) -> ASGIApp:
+    """The whole gateway as one ASGI app; the middleware order is declared here, once.
+
+    ``artifact_store`` replaces the S3 store built from the settings (tests use a recording one).
+    """
+    gateway = Gateway(settings, table, artifact_store)
     authenticator = Authenticator.from_settings(settings)
     stack: list[Callable[[ASGIApp], ASGIApp]] = [
         RequestIdMiddleware,

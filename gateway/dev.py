@@ -259,6 +259,16 @@ def _child_env(extra: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def gateway_environment(stack: DevStack, jwt_secret: str) -> dict[str, str]:
+    """What a gateway in front of ``stack`` needs: upstream, secret, artifacts destination, S3 access."""
+    return {
+        "GATEWAY_UPSTREAM_URL": stack.mlflow_url,
+        "GATEWAY_JWT_SECRET": jwt_secret,
+        "GATEWAY_ARTIFACTS_DESTINATION": stack.artifacts_destination,
+        **_s3_env(stack.s3_endpoint),
+    }
+
+
 def _s3_env(endpoint: str) -> dict[str, str]:
     """AWS settings that point boto3 at the emulator with dummy credentials, and nowhere else."""
     return {
@@ -573,7 +583,9 @@ def run_dev(*, port: int = 5000, data_dir: Path, jwt_secret: str | None = None) 
     try:
         with DevStack(data_dir, cors_allowed_origins=(gateway_url, f"http://localhost:{port}")) as stack:
             gateway_env = {key: value for key, value in os.environ.items() if key.startswith("GATEWAY_")}
-            gateway_env |= {"GATEWAY_UPSTREAM_URL": stack.mlflow_url, "GATEWAY_JWT_SECRET": secret}
+            gateway_env |= gateway_environment(stack, secret)
+            # The in-process gateway's boto3 reads the standard AWS variables: point them at the emulator.
+            os.environ.update({key: value for key, value in gateway_env.items() if not key.startswith("GATEWAY_")})
             settings = load_settings(env=gateway_env, overrides={"host": "127.0.0.1", "port": port})
             configure_logging(settings.log_level)
             config = uvicorn.Config(

@@ -83,9 +83,13 @@ class Settings:
     jwks_cache_seconds: int = 300
     jwks_refetch_cooldown_seconds: int = 10
     extra_issuers: tuple[IssuerSettings, ...] = ()
+    artifacts_destination: str | None = None
+    artifacts_mode: str = "proxy"
+    s3_public_endpoint_url: str | None = None
+    presigned_url_ttl_seconds: int = 300
     host: str = "127.0.0.1"
     port: int = 8080
-    max_body_bytes: int = 64 * 1024 * 1024
+    max_body_bytes: int = 10 * 1024 * 1024 * 1024
     max_json_body_bytes: int = 16 * 1024 * 1024
     upstream_connect_timeout: float = 5.0
     upstream_timeout: float = 120.0
@@ -189,6 +193,10 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("platform_admin_role", _as_str),
     _Spec("jwks_cache_seconds", _as_int),
     _Spec("jwks_refetch_cooldown_seconds", _as_int),
+    _Spec("artifacts_destination", _optional_str),
+    _Spec("artifacts_mode", _as_str),
+    _Spec("s3_public_endpoint_url", _optional_str),
+    _Spec("presigned_url_ttl_seconds", _as_int),
     _Spec("host", _as_str),
     _Spec("port", _as_int),
     _Spec("max_body_bytes", _as_int),
@@ -368,6 +376,15 @@ def _validate(values: dict[str, Any]) -> list[str]:
     for name in ("jwt_leeway_seconds", "jwks_refetch_cooldown_seconds"):
         if merged[name] < 0:
             problems.append(f"{env_name(name)}: must not be negative")
+    destination = merged["artifacts_destination"]
+    if destination is not None:
+        parts = urlsplit(destination)
+        if parts.scheme != "s3" or not parts.netloc:
+            problems.append(f"{env_name('artifacts_destination')}: must be s3://bucket[/prefix], got {destination!r}")
+    if merged["artifacts_mode"] not in ("proxy", "presigned"):
+        problems.append(f"{env_name('artifacts_mode')}: must be 'proxy' or 'presigned'")
+    if not 1 <= merged["presigned_url_ttl_seconds"] <= 7 * 24 * 3600:
+        problems.append(f"{env_name('presigned_url_ttl_seconds')}: must be between 1 and 604800 (S3's limit)")
     if merged["log_level"].lower() not in ("critical", "error", "warning", "info", "debug"):
         problems.append(f"{env_name('log_level')}: must be one of critical, error, warning, info, debug")
     return problems

@@ -140,6 +140,8 @@ def snake_case(name: str) -> str:
 
 # Fields whose JSON value is a protobuf map or google.protobuf.Value: their keys are user data
 # (tag names, metadata keys, arbitrary JSON) and are never renamed. Read off MLflow 3.17's protos.
+# Also ``variables``, the GraphQL request's variable map (no proto has a field of that name): its keys
+# are variable names and GraphQL input field names, which are camelCase by definition.
 OPAQUE_FIELDS = frozenset(
     {
         "auth_config",
@@ -154,6 +156,7 @@ OPAQUE_FIELDS = frozenset(
         "trace_metadata",
         "value",
         "values",
+        "variables",
     }
 )
 

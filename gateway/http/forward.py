@@ -75,6 +75,8 @@ def upstream_headers(scope: Scope, ex: Exchange, *, content_type: str | None) ->
     headers["accept-encoding"] = "identity"
     if content_type:
         headers["content-type"] = content_type
+    # Headers a policy step checked (e.g. an owned experiment id) and asked to forward.
+    headers.update(ex.forward_headers)
     return headers
 
 

@@ -19,6 +19,7 @@ from types import MappingProxyType
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 
@@ -105,13 +106,16 @@ class UpstreamClient:
         headers: Mapping[str, str],
         body: bytes | AsyncIterator[bytes] | None = None,
     ) -> UpstreamResponse:
-        """Send one request; the caller must read, stream or close the response."""
+        """Send one request; the caller must read, stream or close the response.
+
+        ``path_and_query`` must already be percent-encoded: it is sent exactly as given.
+        """
         if self._session is None:
             raise UpstreamUnavailable("Upstream client is not started")
         try:
             response = await self._session.request(
                 method,
-                self.base_url + path_and_query,
+                URL(self.base_url + path_and_query, encoded=True),
                 headers=dict(headers),
                 data=body,
                 allow_redirects=False,

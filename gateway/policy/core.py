@@ -12,11 +12,14 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 from typing import TYPE_CHECKING, Any
 
+from starlette.types import Receive, Send
+
 from gateway.auth.principal import Principal
 from gateway.errors import PermissionDenied, Unauthenticated
 from gateway.http.canonical import JsonObject, Query
 
 if TYPE_CHECKING:
+    from gateway.artifacts.s3 import ArtifactStore
     from gateway.http.upstream import UpstreamClient
     from gateway.policy.ownership import Ownership
     from gateway.settings import Settings
@@ -35,7 +38,10 @@ class Body(Enum):
 
     NONE = "none"  # no body allowed (GET, DELETE without body); a body is a 400
     JSON = "json"  # one JSON object, parsed strictly, checked, re-serialised
-    STREAM = "stream"  # opaque bytes streamed untouched (artifact uploads, OTLP)
+    STREAM = "stream"  # opaque bytes streamed untouched (artifact uploads)
+    # Opaque bytes buffered (same size limit as JSON) in ``Exchange.raw_body`` for a request step
+    # that decodes, checks and replaces them; ``raw_body`` is forwarded as the step left it (OTLP).
+    RAW = "raw"
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,8 @@ class Services:
     settings: Settings
     upstream: UpstreamClient
     ownership: Ownership
+    # The gateway's own S3 access to the artifacts destination (None when not configured).
+    artifacts: ArtifactStore | None = None
 
 
 @dataclass
@@ -61,6 +69,13 @@ class Exchange:
     request_id: str
     # What the response phase may need from the request phase (e.g. the owned experiment id).
     notes: dict[str, Any] = field(default_factory=dict)
+    # Body.RAW routes only: the request body bytes (a step may replace them with a checked form).
+    raw_body: bytes = b""
+    # Request headers by lower-case name (every value kept, so steps can refuse duplicates).
+    headers: dict[str, list[str]] = field(default_factory=dict)
+    # Headers a step checked and wants sent upstream, on top of the built allow-list (e.g. OTLP's
+    # ``x-mlflow-experiment-id`` once its experiment is known to be the caller's).
+    forward_headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def caller(self) -> Principal:
@@ -115,7 +130,22 @@ class Deny:
         return PermissionDenied(f"This MLflow endpoint is disabled by the gateway: {self.reason}")
 
 
-Action = Policy | Deny
+# A handler the gateway runs itself instead of forwarding (artifact bytes go between the client and
+# S3, never through MLflow). It gets the checked Exchange and the raw ASGI receive/send.
+ServeHandler = Callable[[Exchange, Receive, Send], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Served:
+    """A route answered by the gateway itself, after authentication and the role check."""
+
+    handler: ServeHandler
+    access: Access
+    body: Body = Body.NONE  # NONE or JSON are parsed by the pipeline; STREAM leaves ``receive`` to the handler
+    description: str = ""
+
+
+Action = Policy | Deny | Served
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ An experiment belongs to the tenant whose prefix its upstream name carries (``<t
 renames cannot leave the prefix, so the mapping is immutable. A run belongs to its experiment for
 life. Both are kept in bounded LRU caches, primed from create responses, so a steady logging
 workload adds almost no upstream calls. Another tenant's object and a missing one get exactly the
-error MLflow gives for a missing one.
+error MLflow gives for a missing one. An evaluation dataset is owned through the experiments it
+is linked to; those links change, but its tenant does not (:meth:`Ownership.dataset_tenant_of`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ _EXPERIMENT_ID = re.compile(r"^[0-9]{1,19}$")
 # MLflow's own run-id rule (utils/validation.py:_validate_run_id).
 _RUN_ID = re.compile(r"^[a-zA-Z0-9][\w\-]{0,255}$")
 _LOGGED_MODEL_ID = re.compile(r"^m-[0-9a-f]{32}$")
+# A v3 trace id (`tr-` + the 32-hex OTel trace id) or a v2 request id (32 hex): nothing else, so
+# an id can never carry a path (`tr-z/../..`) into the trace's artifact location.
+TRACE_ID = re.compile(r"^(?:tr-)?[0-9a-f]{32}$")
+# MLflow's evaluation dataset ids: `d-` + uuid4 hex (sqlalchemy_store.create_dataset).
+_DATASET_ID = re.compile(r"^d-[0-9a-f]{32}$")
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -60,6 +66,10 @@ class LruCache(Generic[K, V]):
         if len(self._data) > self._max:
             self._data.popitem(last=False)
 
+    def discard(self, key: K) -> None:
+        """Forget ``key`` (an object that was deleted)."""
+        self._data.pop(key, None)
+
     def __len__(self) -> int:
         return len(self._data)
 
@@ -80,6 +90,16 @@ def logged_model_not_found(model_id: str) -> NotFound:
     return NotFound(f"Logged model with ID '{model_id}' not found.")
 
 
+def trace_not_found(trace_id: str) -> NotFound:
+    """MLflow's own answer for a missing trace id (sqlalchemy_store.get_trace_info)."""
+    return NotFound(f"Trace with ID '{trace_id}' not found.")
+
+
+def dataset_not_found(dataset_id: str) -> NotFound:
+    """MLflow's own answer for a missing evaluation dataset id (sqlalchemy_store.get_dataset)."""
+    return NotFound(f"Evaluation dataset with id '{dataset_id}' not found")
+
+
 def tenant_of_experiment_name(name: str) -> str | None:
     """The tenant prefix of an upstream experiment name, or ``None`` for an unprefixed name."""
     tenant, separator, rest = name.partition(EXPERIMENT_SEPARATOR)
@@ -94,6 +114,10 @@ class Ownership:
         self.experiment_tenant: LruCache[str, str] = LruCache(max_size)
         self.run_experiment: LruCache[str, str] = LruCache(max_size)
         self.model_experiment: LruCache[str, str] = LruCache(max_size)
+        self.trace_experiment: LruCache[str, str] = LruCache(max_size)
+        # dataset -> tenant, not dataset -> experiments: links change, the tenant does not (see
+        # :meth:`dataset_tenant_of`).
+        self.dataset_tenant: LruCache[str, str] = LruCache(max_size)
         self._default_experiment: dict[str, str] = {}
         self._default_locks: dict[str, asyncio.Lock] = {}
         self.upstream_lookups = 0
@@ -107,6 +131,18 @@ class Ownership:
     def remember_run(self, run_id: str, experiment_id: str) -> None:
         """Record that ``run_id`` lives in ``experiment_id`` (e.g. from a create response)."""
         self.run_experiment.put(run_id, experiment_id)
+
+    def remember_trace(self, trace_id: str, experiment_id: str) -> None:
+        """Record that ``trace_id`` lives in ``experiment_id`` (from a start-trace response)."""
+        self.trace_experiment.put(trace_id, experiment_id)
+
+    def remember_logged_model(self, model_id: str, experiment_id: str) -> None:
+        """Record that ``model_id`` lives in ``experiment_id`` (from a create response)."""
+        self.model_experiment.put(model_id, experiment_id)
+
+    def remember_dataset(self, dataset_id: str, tenant: str) -> None:
+        """Record that ``tenant`` owns ``dataset_id`` (from a create response)."""
+        self.dataset_tenant.put(dataset_id, tenant)
 
     # -- checks -------------------------------------------------------------------------------
 
@@ -123,15 +159,19 @@ class Ownership:
 
     async def require_experiment(self, tenant: str, experiment_id: str) -> None:
         """Pass when ``tenant`` owns the experiment; otherwise MLflow's "does not exist" 404."""
-        if not _EXPERIMENT_ID.match(experiment_id):
+        if await self.experiment_owner(experiment_id) != tenant:
             raise experiment_not_found(experiment_id)
+
+    async def experiment_owner(self, experiment_id: str) -> str | None:
+        """The tenant owning an experiment (cached), or ``None`` for a missing or unprefixed one."""
+        if not _EXPERIMENT_ID.match(experiment_id):
+            return None
         owner = self.experiment_tenant.get(experiment_id)
         if owner is None:
             owner = await self._fetch_experiment_owner(experiment_id)
             if owner is not None:
                 self.experiment_tenant.put(experiment_id, owner)
-        if owner != tenant:
-            raise experiment_not_found(experiment_id)
+        return owner
 
     async def require_run(self, tenant: str, run_id: str) -> str:
         """Pass when the run's experiment is the tenant's; return that experiment id."""
@@ -155,7 +195,11 @@ class Ownership:
             raise logged_model_not_found(model_id)
         experiment_id = self.model_experiment.get(model_id)
         if experiment_id is None:
-            experiment_id = await self._fetch_parent(f"logged-models/{model_id}", {}, ("model", "info"))
+            # allow_deleted: a deleted model keeps its experiment (and can still be read with
+            # ?allow_deleted=true), so the look-up must find it too.
+            experiment_id = await self._fetch_parent(
+                f"logged-models/{model_id}", {"allow_deleted": "true"}, ("model", "info")
+            )
             if experiment_id is None:
                 raise logged_model_not_found(model_id)
             self.model_experiment.put(model_id, experiment_id)
@@ -164,6 +208,84 @@ class Ownership:
         except NotFound:
             raise logged_model_not_found(model_id) from None
         return experiment_id
+
+    async def trace_experiment_id(self, trace_id: str) -> str | None:
+        """The experiment of an existing trace, or ``None`` when no trace has that id.
+
+        A trace only changes experiment when MLflow's start-trace re-homes an existing id, which
+        the gateway allows within one tenant only, so the cached experiment's tenant never changes.
+        """
+        if not TRACE_ID.match(trace_id):
+            return None
+        experiment_id = self.trace_experiment.get(trace_id)
+        if experiment_id is None:
+            self.upstream_lookups += 1
+            status, body = await self._upstream.json_call(
+                "GET", f"/api/3.0/mlflow/traces/{trace_id}", headers=_LOOKUP_HEADERS
+            )
+            _raise_on_server_error(status)
+            if status == 404:
+                return None
+            found = _dig(body, ("trace", "trace_info", "trace_location", "mlflow_experiment", "experiment_id"))
+            if status != 200 or not isinstance(found, str):
+                # Fail closed: an id MLflow knows but cannot place is neither new nor owned.
+                raise UpstreamError(f"Upstream MLflow gave an unusable answer to a trace look-up ({status})")
+            experiment_id = found
+            self.trace_experiment.put(trace_id, experiment_id)
+        return experiment_id
+
+    async def require_trace(self, tenant: str, trace_id: str) -> str:
+        """Pass when the trace's experiment is the tenant's; return that experiment id."""
+        experiment_id = await self.trace_experiment_id(trace_id)
+        if experiment_id is None:
+            raise trace_not_found(trace_id)
+        try:
+            await self.require_experiment(tenant, experiment_id)
+        except NotFound:
+            raise trace_not_found(trace_id) from None
+        return experiment_id
+
+    async def require_dataset(self, tenant: str, dataset_id: str) -> None:
+        """Pass when ``tenant`` owns the evaluation dataset; otherwise MLflow's "not found" 404."""
+        if not _DATASET_ID.match(dataset_id) or await self.dataset_tenant_of(dataset_id) != tenant:
+            raise dataset_not_found(dataset_id)
+
+    async def dataset_tenant_of(self, dataset_id: str) -> str | None:
+        """The tenant owning a dataset: the one tenant of all its linked experiments, else ``None``.
+
+        A dataset may be linked to several experiments and the links change (add/remove
+        experiments), so the links are never cached. Its tenant is cached, because through the
+        gateway it cannot change: a dataset is created linked to the caller's own experiments only,
+        add-experiments links only its owner's experiments, and remove-experiments may not drop
+        the last link. A dataset with no link, or with links to several tenants (made behind the
+        gateway's back), belongs to nobody. (If links vanish behind the gateway's back, e.g. by a
+        permanent experiment deletion, a cached tenant is still the one that owned it.)
+        """
+        cached = self.dataset_tenant.get(dataset_id)
+        if cached is not None:
+            return cached
+        owners = {await self.experiment_owner(eid) for eid in await self.dataset_experiment_ids(dataset_id)}
+        if len(owners) != 1:
+            return None
+        (owner,) = owners
+        if owner is not None:
+            self.dataset_tenant.put(dataset_id, owner)
+        return owner
+
+    async def dataset_experiment_ids(self, dataset_id: str) -> list[str]:
+        """The experiments a dataset is linked to right now (never cached); ``[]`` for none.
+
+        MLflow answers ``[]`` for a missing dataset too: the handler does not check existence.
+        """
+        if not _DATASET_ID.match(dataset_id):
+            return []
+        self.upstream_lookups += 1
+        status, body = await self._upstream.json_call(
+            "GET", f"/api/3.0/mlflow/datasets/{dataset_id}/experiment-ids", headers=_LOOKUP_HEADERS
+        )
+        _raise_on_server_error(status)
+        found = _dig(body, ("experiment_ids",)) if status == 200 else None
+        return [str(eid) for eid in found if isinstance(eid, str | int)] if isinstance(found, list) else []
 
     async def default_experiment(self, tenant: str) -> str:
         """The id of ``<tenant>/Default``, created (with its tenant tag) on first use."""

@@ -27,7 +27,7 @@ PARAM_PATTERNS: dict[str, str] = {
     "trace_id": rf"tr-{HEX32}|{HEX32}",
     "request_id": rf"tr-{HEX32}|{HEX32}",
     "model_id": rf"m-{HEX32}",
-    "dataset_id": r"d-[0-9a-f]{1,64}",
+    "dataset_id": rf"d-{HEX32}",  # sqlalchemy_store.create_dataset: "d-" + uuid4().hex
     "assessment_id": r"a-[0-9a-f]{1,64}",
 }
 _SEGMENT = r"[^/]+"

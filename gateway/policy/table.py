@@ -8,16 +8,17 @@ own route list, so an upgrade cannot silently open a hole. The strategies are th
 
 from __future__ import annotations
 
-from gateway.policy import experiments, runs
+from gateway.artifacts import routes as artifacts
+from gateway.policy import datasets, experiments, graphql, logged_models, otlp, runs, traces
 from gateway.policy.core import Access, Body, Deny, Local, Policy
 from gateway.policy.router import B2, B3, J2, J3, ROOT, Route, RouteTable, api
 
 # -- reasons ------------------------------------------------------------------------------------
 PENDING_TRACKING = Deny("not tenant-scoped yet (tracking tenancy)")
-PENDING_ARTIFACTS = Deny("artifact access is not tenant-scoped yet (served by the gateway from S3)")
+DIRECT_CLOUD_ONLY = Deny("artifact roots are served by the gateway; use the mlflow-artifacts API")
 PENDING_REGISTRY = Deny("the model registry is not tenant-scoped yet")
 PENDING_GENAI = Deny("GenAI evaluation objects are not tenant-scoped yet")
-PENDING_TRACES = Deny("traces are not tenant-scoped yet")
+PROMPT_LINKS = Deny("linking traces to registered prompts waits for the prompt registry's tenancy")
 PENDING_UI = Deny("the web UI needs a browser login, which is not built yet")
 WEBHOOKS = Deny("webhooks are server-global: they would fire on every tenant's registry events")
 WORKSPACES = Deny("workspaces are managed by the platform, not by tenants")
@@ -108,14 +109,14 @@ ROUTES: list[Route] = [
     *api("GET", ROOT, "/health", HEALTH),
     *api("GET", ROOT, "/ready", READY),
     *api("GET", ROOT, "/version", PUBLIC_INFO),
-    *api("GET", B3, "/mlflow/server-info", PUBLIC_INFO),
+    *api("GET", B3, "/mlflow/server-info", artifacts.SERVER_INFO),
     *api("GET", ROOT, "/static-files/{path:path}", PUBLIC_STATIC),
     *api("GET", ROOT, "/build/{path:path}", PUBLIC_STATIC),
     *api("GET", ROOT, "/", PENDING_UI),
     *api("GET", J3, "/mlflow/ui-telemetry", PENDING_UI),
     *api("POST", J3, "/mlflow/ui-telemetry", TELEMETRY),
-    *api("GET", ROOT, "/graphql", PENDING_UI),
-    *api("POST", ROOT, "/graphql", PENDING_UI),
+    *api("GET", ROOT, "/graphql", graphql.GET_DENIED),
+    *api("POST", ROOT, "/graphql", graphql.QUERY),
     *api("GET", ROOT, "/metrics", METRICS),
     # -- experiments ---------------------------------------------------------------------------
     *api("POST", B2, "/mlflow/experiments/create", experiments.CREATE),
@@ -152,34 +153,31 @@ ROUTES: list[Route] = [
     *api("GET", J2, "/mlflow/metrics/get-history-bulk", runs.BULK_HISTORY),
     *api("POST", J2, "/mlflow/runs/create-promptlab-run", PENDING_TRACKING),
     # -- run-level artifacts and the mlflow-artifacts service ------------------------------------
-    *api("GET", B2, "/mlflow/artifacts/list", PENDING_ARTIFACTS),
-    *api("POST", B2, "/mlflow/artifacts/presigned-upload-url", PENDING_ARTIFACTS),
-    *api("POST", B2, "/mlflow/artifacts/presigned-download-url", PENDING_ARTIFACTS),
-    *api("GET", ROOT, "/get-artifact", PENDING_ARTIFACTS),
-    *api("POST", J2, "/mlflow/upload-artifact", PENDING_ARTIFACTS),
-    *api("GET", B2, "/mlflow-artifacts/artifacts", PENDING_ARTIFACTS),
-    *api("GET", B2, "/mlflow-artifacts/artifacts/{artifact_path:path}", PENDING_ARTIFACTS),
-    *api("PUT", B2, "/mlflow-artifacts/artifacts/{artifact_path:path}", PENDING_ARTIFACTS),
-    *api("DELETE", B2, "/mlflow-artifacts/artifacts/{artifact_path:path}", PENDING_ARTIFACTS),
-    *api("POST", B2, "/mlflow-artifacts/mpu/create/{artifact_path:path}", PENDING_ARTIFACTS),
-    *api("POST", B2, "/mlflow-artifacts/mpu/complete/{artifact_path:path}", PENDING_ARTIFACTS),
-    *api("POST", B2, "/mlflow-artifacts/mpu/abort/{artifact_path:path}", PENDING_ARTIFACTS),
-    *api("GET", B2, "/mlflow-artifacts/presigned/{artifact_path:path}", PENDING_ARTIFACTS),
+    # Served by the gateway itself from S3 (gateway/artifacts): bytes never pass through MLflow.
+    *api("GET", B2, "/mlflow/artifacts/list", artifacts.RUN_LIST),
+    *api("POST", B2, "/mlflow/artifacts/presigned-upload-url", DIRECT_CLOUD_ONLY),
+    *api("POST", B2, "/mlflow/artifacts/presigned-download-url", DIRECT_CLOUD_ONLY),
+    *api("GET", ROOT, "/get-artifact", artifacts.RUN_GET),
+    *api("POST", J2, "/mlflow/upload-artifact", artifacts.UI_UPLOAD),
+    *api("GET", B2, "/mlflow-artifacts/artifacts", artifacts.LIST),
+    *api("GET", B2, "/mlflow-artifacts/artifacts/{artifact_path:path}", artifacts.DOWNLOAD),
+    *api("PUT", B2, "/mlflow-artifacts/artifacts/{artifact_path:path}", artifacts.UPLOAD),
+    *api("DELETE", B2, "/mlflow-artifacts/artifacts/{artifact_path:path}", artifacts.DELETE),
+    *api("POST", B2, "/mlflow-artifacts/mpu/create/{artifact_path:path}", artifacts.MPU_CREATE),
+    *api("POST", B2, "/mlflow-artifacts/mpu/complete/{artifact_path:path}", artifacts.MPU_COMPLETE),
+    *api("POST", B2, "/mlflow-artifacts/mpu/abort/{artifact_path:path}", artifacts.MPU_ABORT),
+    *api("GET", B2, "/mlflow-artifacts/presigned/{artifact_path:path}", artifacts.PRESIGNED_DOWNLOAD),
     # -- logged models ---------------------------------------------------------------------------
-    *_deny(
-        B2,
-        PENDING_TRACKING,
-        ("POST", "/mlflow/logged-models"),
-        ("GET", "/mlflow/logged-models/{model_id}"),
-        ("PATCH", "/mlflow/logged-models/{model_id}"),
-        ("DELETE", "/mlflow/logged-models/{model_id}"),
-        ("POST", "/mlflow/logged-models/search"),
-        ("PATCH", "/mlflow/logged-models/{model_id}/tags"),
-        ("DELETE", "/mlflow/logged-models/{model_id}/tags/{tag_key}"),
-        ("POST", "/mlflow/logged-models/{model_id}/params"),
-        ("GET", "/mlflow/logged-models/{model_id}/artifacts/directories"),
-    ),
-    *api("GET", J2, "/mlflow/logged-models/{model_id}/artifacts/files", PENDING_ARTIFACTS),
+    *api("POST", B2, "/mlflow/logged-models", logged_models.CREATE),
+    *api("GET", B2, "/mlflow/logged-models/{model_id}", logged_models.GET),
+    *api("PATCH", B2, "/mlflow/logged-models/{model_id}", logged_models.FINALIZE),
+    *api("DELETE", B2, "/mlflow/logged-models/{model_id}", logged_models.DELETE),
+    *api("POST", B2, "/mlflow/logged-models/search", logged_models.SEARCH),
+    *api("PATCH", B2, "/mlflow/logged-models/{model_id}/tags", logged_models.SET_TAGS),
+    *api("DELETE", B2, "/mlflow/logged-models/{model_id}/tags/{tag_key}", logged_models.DELETE_TAG),
+    *api("POST", B2, "/mlflow/logged-models/{model_id}/params", logged_models.LOG_PARAMS),
+    *api("GET", B2, "/mlflow/logged-models/{model_id}/artifacts/directories", logged_models.LIST_ARTIFACTS),
+    *api("GET", J2, "/mlflow/logged-models/{model_id}/artifacts/files", artifacts.LOGGED_MODEL_GET),
     # -- model registry and prompts --------------------------------------------------------------
     *_deny(
         B2,
@@ -218,58 +216,53 @@ ROUTES: list[Route] = [
         ("POST", "/mlflow/webhooks/{webhook_id}/test"),
     ),
     # -- traces, assessments, OTLP ---------------------------------------------------------------
-    *_deny(
-        B2,
-        PENDING_TRACES,
-        ("GET", "/mlflow/traces"),
-        ("POST", "/mlflow/traces"),
-        ("PATCH", "/mlflow/traces/{request_id}"),
-        ("GET", "/mlflow/traces/{request_id}/info"),
-        ("PATCH", "/mlflow/traces/{request_id}/tags"),
-        ("DELETE", "/mlflow/traces/{request_id}/tags"),
-        ("POST", "/mlflow/traces/delete-traces"),
-        ("POST", "/mlflow/traces/link-to-run"),
-        ("POST", "/mlflow/traces/link-prompts"),
-    ),
-    *_deny(
-        B3,
-        PENDING_TRACES,
-        ("POST", "/mlflow/traces"),
-        ("GET", "/mlflow/traces/{trace_id}"),
-        ("GET", "/mlflow/traces/get"),
-        ("GET", "/mlflow/traces/batchGet"),
-        ("POST", "/mlflow/traces/batchGetInfos"),
-        ("POST", "/mlflow/traces/search"),
-        ("POST", "/mlflow/traces/delete-traces"),
-        ("POST", "/mlflow/traces/calculate-filter-correlation"),
-        ("POST", "/mlflow/traces/metrics"),
-        ("PATCH", "/mlflow/traces/{trace_id}/tags"),
-        ("DELETE", "/mlflow/traces/{trace_id}/tags"),
-        ("POST", "/mlflow/traces/{trace_id}/assessments"),
-        ("GET", "/mlflow/traces/{trace_id}/assessments/{assessment_id}"),
-        ("PATCH", "/mlflow/traces/{trace_id}/assessments/{assessment_id}"),
-        ("DELETE", "/mlflow/traces/{trace_id}/assessments/{assessment_id}"),
-    ),
-    *api("GET", J2, "/mlflow/get-trace-artifact", PENDING_TRACES),
-    *api("GET", J3, "/mlflow/get-trace-artifact", PENDING_TRACES),
-    *api("POST", ROOT, "/v1/traces", PENDING_TRACES),
-    # -- GenAI: datasets, scorers, issues, label schemas, review queues, prompt optimisation ------
+    # legacy v2 (MLflow picks v2 request ids; a path id must be `tr-<hex>` or 32 hex: router.PARAM_PATTERNS)
+    *api("POST", B2, "/mlflow/traces", traces.START_V2),
+    *api("PATCH", B2, "/mlflow/traces/{request_id}", traces.END_V2),
+    *api("GET", B2, "/mlflow/traces/{request_id}/info", traces.GET_INFO_V2),
+    *api("GET", B2, "/mlflow/traces", traces.SEARCH_V2),
+    *api("PATCH", B2, "/mlflow/traces/{request_id}/tags", traces.SET_TAG_V2),
+    *api("DELETE", B2, "/mlflow/traces/{request_id}/tags", traces.DELETE_TAG_V2),
+    *api("POST", B2, "/mlflow/traces/delete-traces", traces.DELETE_TRACES),
+    *api("POST", B2, "/mlflow/traces/link-to-run", traces.LINK_TO_RUN),
+    *api("POST", B2, "/mlflow/traces/link-prompts", PROMPT_LINKS),
+    # v3
+    *api("POST", B3, "/mlflow/traces", traces.START_V3),
+    *api("GET", B3, "/mlflow/traces/{trace_id}", traces.GET_INFO_V3),
+    *api("GET", B3, "/mlflow/traces/get", traces.GET_TRACE),
+    *api("GET", B3, "/mlflow/traces/batchGet", traces.BATCH_GET),
+    *api("POST", B3, "/mlflow/traces/batchGetInfos", traces.BATCH_GET_INFOS),
+    *api("POST", B3, "/mlflow/traces/search", traces.SEARCH_V3),
+    *api("POST", B3, "/mlflow/traces/delete-traces", traces.DELETE_TRACES),
+    *api("POST", B3, "/mlflow/traces/calculate-filter-correlation", traces.EXPERIMENT_QUERY),
+    *api("POST", B3, "/mlflow/traces/metrics", traces.EXPERIMENT_QUERY),
+    *api("PATCH", B3, "/mlflow/traces/{trace_id}/tags", traces.SET_TAG_V3),
+    *api("DELETE", B3, "/mlflow/traces/{trace_id}/tags", traces.DELETE_TAG_V3),
+    *api("POST", B3, "/mlflow/traces/{trace_id}/assessments", traces.CREATE_ASSESSMENT),
+    *api("GET", B3, "/mlflow/traces/{trace_id}/assessments/{assessment_id}", traces.GET_ASSESSMENT),
+    *api("PATCH", B3, "/mlflow/traces/{trace_id}/assessments/{assessment_id}", traces.UPDATE_ASSESSMENT),
+    *api("DELETE", B3, "/mlflow/traces/{trace_id}/assessments/{assessment_id}", traces.DELETE_ASSESSMENT),
+    *api("GET", J2, "/mlflow/get-trace-artifact", traces.TRACE_ARTIFACT),
+    *api("GET", J3, "/mlflow/get-trace-artifact", traces.TRACE_ARTIFACT),
+    *api("POST", ROOT, "/v1/traces", otlp.OTLP_EXPORT),
+    # -- GenAI: evaluation datasets --------------------------------------------------------------
+    *api("POST", B3, "/mlflow/datasets/create", datasets.CREATE),
+    *api("GET", B3, "/mlflow/datasets/search", datasets.SEARCH_GET),
+    *api("POST", B3, "/mlflow/datasets/search", datasets.SEARCH_POST),
+    *api("GET", B3, "/mlflow/datasets/{dataset_id}", datasets.GET),
+    *api("DELETE", B3, "/mlflow/datasets/{dataset_id}", datasets.DELETE),
+    *api("PATCH", B3, "/mlflow/datasets/{dataset_id}/tags", datasets.SET_TAGS),
+    *api("DELETE", B3, "/mlflow/datasets/{dataset_id}/tags/{key}", datasets.DELETE_TAG),
+    *api("POST", B3, "/mlflow/datasets/{dataset_id}/records", datasets.UPSERT_RECORDS),
+    *api("GET", B3, "/mlflow/datasets/{dataset_id}/records", datasets.GET_RECORDS),
+    *api("DELETE", B3, "/mlflow/datasets/{dataset_id}/records", datasets.DELETE_RECORDS),
+    *api("GET", B3, "/mlflow/datasets/{dataset_id}/experiment-ids", datasets.GET_EXPERIMENT_IDS),
+    *api("POST", B3, "/mlflow/datasets/{dataset_id}/add-experiments", datasets.ADD_EXPERIMENTS),
+    *api("POST", B3, "/mlflow/datasets/{dataset_id}/remove-experiments", datasets.REMOVE_EXPERIMENTS),
+    # -- GenAI: scorers, issues, label schemas, review queues, prompt optimisation ----------------
     *_deny(
         B3,
         PENDING_GENAI,
-        ("POST", "/mlflow/datasets/create"),
-        ("GET", "/mlflow/datasets/{dataset_id}"),
-        ("DELETE", "/mlflow/datasets/{dataset_id}"),
-        ("GET", "/mlflow/datasets/search"),
-        ("POST", "/mlflow/datasets/search"),
-        ("PATCH", "/mlflow/datasets/{dataset_id}/tags"),
-        ("DELETE", "/mlflow/datasets/{dataset_id}/tags/{key}"),
-        ("POST", "/mlflow/datasets/{dataset_id}/records"),
-        ("GET", "/mlflow/datasets/{dataset_id}/records"),
-        ("DELETE", "/mlflow/datasets/{dataset_id}/records"),
-        ("GET", "/mlflow/datasets/{dataset_id}/experiment-ids"),
-        ("POST", "/mlflow/datasets/{dataset_id}/add-experiments"),
-        ("POST", "/mlflow/datasets/{dataset_id}/remove-experiments"),
         ("POST", "/mlflow/scorers/register"),
         ("GET", "/mlflow/scorers/list"),
         ("GET", "/mlflow/scorers/versions"),

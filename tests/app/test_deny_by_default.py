@@ -33,9 +33,9 @@ DENIED = [
     ("GET", "/metrics", "Prometheus metrics are server-wide"),
     ("POST", f"{API}/registered-models/create", "the model registry is not tenant-scoped yet"),
     ("POST", f"{API}/experiments/search", "not tenant-scoped yet"),
-    ("POST", "/graphql", "browser login"),
-    ("POST", "/v1/traces", "traces are not tenant-scoped yet"),
-    ("GET", f"{API}/artifacts/list", "artifact access is not tenant-scoped yet"),
+    ("GET", "/graphql", "GraphQL over GET is not supported"),
+    ("POST", f"{API}/traces/link-prompts", "registered prompts"),
+    ("POST", f"{API}/artifacts/presigned-upload-url", "artifact roots are served by the gateway"),
 ]
 
 WRONG_METHOD = [

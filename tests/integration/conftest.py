@@ -17,7 +17,7 @@ from typing import Protocol
 import pytest
 
 from gateway.auth.jwt import mint_token
-from gateway.dev import DevStack, ManagedProcess, free_port
+from gateway.dev import DevStack, ManagedProcess, free_port, gateway_environment
 
 HERE = Path(__file__).resolve().parent
 GATEWAY_START_TIMEOUT = 60.0
@@ -78,7 +78,7 @@ def gateway_url(stack: DevStack, jwt_secret: str) -> Iterator[str]:
     script = Path(sys.executable).parent / "mlflow-gateway"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "gateway.cli"]
     env = {key: value for key, value in os.environ.items() if not key.startswith(("GATEWAY_", "MLFLOW_"))}
-    env |= {"GATEWAY_UPSTREAM_URL": stack.mlflow_url, "GATEWAY_JWT_SECRET": jwt_secret}
+    env |= gateway_environment(stack, jwt_secret)
     process = ManagedProcess(
         name="gateway",
         argv=[*command, "serve", "--host", "127.0.0.1", "--port", str(port)],

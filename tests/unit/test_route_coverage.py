@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 
-from gateway.policy.core import Deny, Local, Policy
+from gateway.policy.core import Deny, Local, Policy, Served
 from gateway.policy.router import normalise_template
 from gateway.policy.table import ROUTES, TABLE
 
@@ -64,7 +64,7 @@ def test_table_has_no_route_mlflow_lacks(mlflow_routes: set[tuple[str, str]]) ->
 
 def test_every_entry_is_a_policy_a_local_or_a_deny_with_reason() -> None:
     for route in ROUTES:
-        assert isinstance(route.action, Policy | Deny | Local), route
+        assert isinstance(route.action, Policy | Served | Deny | Local), route
         if isinstance(route.action, Deny):
             assert len(route.action.reason) > 10, route
 
