@@ -24,6 +24,7 @@ from gateway.http.canonical import JsonObject, single_value
 from gateway.policy.core import Access, Body, Exchange, Policy, RequestStep, ResponseStep
 from gateway.policy.experiments import require_owned_experiment
 from gateway.policy.ownership import TRACE_ID, trace_not_found
+from gateway.policy.router import PARAM_PATTERNS
 from gateway.policy.runs import require_owned_run
 from gateway.policy.steps import (
     field_value,
@@ -37,7 +38,8 @@ from gateway.policy.steps import (
 
 # The id a client may give a new trace: `tr-` + the 32-hex OTel trace id (no v2 ids, no paths).
 NEW_TRACE_ID = re.compile(r"^tr-[0-9a-f]{32}$")
-ASSESSMENT_ID = re.compile(r"^a-[0-9a-f]{1,64}$")  # what the gateway's routes can address later
+# A client-chosen assessment id must stay addressable by the gateway's assessment routes.
+ASSESSMENT_ID = re.compile(rf"^(?:{PARAM_PATTERNS['assessment_id']})$")
 # Tags MLflow writes to say where a trace's spans and files live (`mlflow/utils/mlflow_tags.py`).
 STORAGE_TAGS = frozenset(
     {

@@ -59,7 +59,9 @@ def _log_text_artifact(mlflow_env: MlflowEnv, tracking_uri: str, text: str) -> t
 def test_mlflow_server_answers_health_and_experiments_search(stack: DevStack) -> None:
     assert _request("GET", f"{stack.mlflow_url}/health")[0] == 200
     status, body = _request(
-        "POST", f"{stack.mlflow_url}/api/2.0/mlflow/experiments/search", {"filter": "name = 'Default'"}
+        "POST",
+        f"{stack.mlflow_url}/api/2.0/mlflow/experiments/search",
+        {"filter": "name = 'Default'", "max_results": 10},
     )
     assert status == 200, body
     assert "Default" in [experiment["name"] for experiment in body["experiments"]]
