@@ -103,6 +103,16 @@ def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> JsonObject:
     return result
 
 
+def parse_json_document(raw: str | bytes, *, what: str = "Request body") -> Any:
+    """Parse any JSON document strictly (duplicate keys refused); 400 naming ``what`` otherwise."""
+    try:
+        return json.loads(raw, object_pairs_hook=_object_without_duplicates)
+    except BadRequest:
+        raise
+    except (ValueError, RecursionError):
+        raise BadRequest(f"{what} is not valid JSON") from None
+
+
 def parse_json_object(body: bytes) -> JsonObject:
     """Parse a request body that must be one JSON object with no duplicate keys.
 
@@ -112,12 +122,7 @@ def parse_json_object(body: bytes) -> JsonObject:
     """
     if not body.strip():
         return {}
-    try:
-        value = json.loads(body, object_pairs_hook=_object_without_duplicates)
-    except BadRequest:
-        raise
-    except (ValueError, RecursionError):
-        raise BadRequest("Request body is not valid JSON") from None
+    value = parse_json_document(body)
     if not isinstance(value, dict):
         raise BadRequest("Request body must be a JSON object")
     if _SURROGATE_ESCAPE.search(body):

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.errors import BadRequest, NotFound, PermissionDenied
-from gateway.http.canonical import JsonObject
+from gateway.http.canonical import JsonObject, parse_json_document
 from gateway.policy.core import Access, Body, Exchange, Policy, RequestStep
 from gateway.policy.logged_models import owned_experiment_ids, reject_reserved_path_key
 from gateway.policy.ownership import dataset_not_found
@@ -45,15 +45,6 @@ def _link_not_found(dataset_id: str) -> NotFound:
 # -- JSON documents inside string fields ------------------------------------------------------------
 
 
-def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> JsonObject:
-    result: JsonObject = {}
-    for key, value in pairs:
-        if key in result:
-            raise BadRequest(f"Duplicate JSON key '{key}'")
-        result[key] = value
-    return result
-
-
 def _json_string_field(ex: Exchange, field: str) -> Any:
     """The JSON document in string field ``field`` (``None`` when absent), parsed strictly."""
     raw = ex.json_body().get(field)
@@ -61,12 +52,7 @@ def _json_string_field(ex: Exchange, field: str) -> Any:
         return None
     if not isinstance(raw, str):
         raise BadRequest(f"Field '{field}' must be a JSON string")
-    try:
-        return json.loads(raw, object_pairs_hook=_object_without_duplicates)
-    except BadRequest:
-        raise
-    except (ValueError, RecursionError):
-        raise BadRequest(f"Field '{field}' is not valid JSON") from None
+    return parse_json_document(raw, what=f"Field '{field}'")
 
 
 def _set_json_string_field(ex: Exchange, field: str, value: Any) -> None:
