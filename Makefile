@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test lint format bench bench-artifacts clean
 
 install: $(STAMP)
 
@@ -32,6 +32,9 @@ test: install lint
 
 bench: install
 	$(BIN)/python bench/passthrough.py
+
+bench-artifacts: install
+	$(BIN)/python bench/artifacts.py
 
 clean:
 	rm -rf $(VENV) .gateway-dev .pytest_cache .mypy_cache .ruff_cache

@@ -18,7 +18,7 @@ from starlette.types import Message, Receive, Send
 
 from gateway.artifacts.paths import ArtifactPath, check_relative, parse_artifact_path, require_owned_path
 from gateway.artifacts.s3 import ArtifactStore, guess_content_type
-from gateway.errors import BadRequest, PayloadTooLarge, PermissionDenied
+from gateway.errors import BadRequest, EndpointNotFound, PayloadTooLarge, PermissionDenied
 from gateway.http.canonical import JsonObject, single_value
 from gateway.policy.core import Access, Body, Exchange, Policy, Served
 
@@ -38,9 +38,20 @@ def _store(ex: Exchange) -> ArtifactStore:
     return store
 
 
-def _require_presigned_mode(ex: Exchange) -> None:
-    if ex.services.settings.artifacts_mode != PRESIGNED:
-        raise PermissionDenied("Presigned artifact access is disabled: this gateway streams artifacts (proxy mode)")
+# MLflow's own messages for "this artifact repository cannot do that": the stock client falls back to
+# plain proxied PUT/GET on exactly these (mlflow/exceptions.py, store/artifact/http_artifact_repo.py),
+# e.g. when a user forces MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD/DOWNLOAD against a proxy-mode gateway.
+_NO_MULTIPART_UPLOAD = "Multipart upload is not supported for the current artifact repository"
+_NO_MULTIPART_DOWNLOAD = "Multipart download is not supported for the current artifact repository"
+
+
+def _require_presigned_mode(ex: Exchange, *, download: bool = False) -> None:
+    """Presigned and multipart routes exist only in presigned mode; refused in a way the client falls back on."""
+    if ex.services.settings.artifacts_mode == PRESIGNED:
+        return
+    if download:  # the client falls back to a proxied GET on 404/501
+        raise EndpointNotFound(f"{_NO_MULTIPART_DOWNLOAD} (the gateway streams artifacts: proxy mode)")
+    raise BadRequest(f"{_NO_MULTIPART_UPLOAD} (the gateway streams artifacts: proxy mode)")
 
 
 async def send_json(send: Send, payload: Any, status: int = 200) -> None:
@@ -158,7 +169,7 @@ async def list_artifacts(ex: Exchange, receive: Receive, send: Send) -> None:
 
 async def presigned_download(ex: Exchange, receive: Receive, send: Send) -> None:
     """GET mlflow-artifacts/presigned/<path>: a short-lived GET URL for exactly this owned key."""
-    _require_presigned_mode(ex)
+    _require_presigned_mode(ex, download=True)
     artifact = await _owned(ex, ex.path_params["artifact_path"])
     store = _store(ex)
     size = await store.size(artifact.path)

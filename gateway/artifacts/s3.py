@@ -177,15 +177,17 @@ class ArtifactStore:
     # -- writes -------------------------------------------------------------------------------------
 
     async def upload(self, path: str, chunks: AsyncIterator[bytes], *, content_type: str) -> int:
-        """Store a streamed body; returns its size. Bounded memory: at most one part is buffered.
+        """Store a streamed body; returns its size. Bounded memory: at most two parts are buffered.
 
-        If ``chunks`` raises (client disconnect, size limit), a started multipart upload is aborted,
-        so nothing is left behind as a complete object.
+        Each full part is sent to S3 in the background while the next one is read from the client, so
+        the transfer time is not the sum of both. If ``chunks`` raises (client disconnect, size
+        limit), a started multipart upload is aborted, so nothing is left behind as a complete object.
         """
         key = self.key(path)
         buffer = bytearray()
         upload_id: str | None = None
         parts: list[dict[str, Any]] = []
+        pending: asyncio.Task[dict[str, Any]] | None = None
         total = 0
         try:
             async for chunk in chunks:
@@ -197,14 +199,20 @@ class ArtifactStore:
                             self._client.create_multipart_upload, Bucket=self.bucket, Key=key, ContentType=content_type
                         )
                         upload_id = created["UploadId"]
-                    part = bytes(buffer[: self.part_size])
+                    part = bytes(memoryview(buffer)[: self.part_size])
                     del buffer[: self.part_size]
-                    parts.append(await self._upload_part(key, upload_id, len(parts) + 1, part))
+                    if pending is not None:
+                        parts.append(await pending)
+                    number = len(parts) + 1
+                    pending = asyncio.create_task(self._upload_part(key, upload_id, number, part))
             if upload_id is None:
                 await self._call(
                     self._client.put_object, Bucket=self.bucket, Key=key, Body=bytes(buffer), ContentType=content_type
                 )
                 return total
+            if pending is not None:
+                parts.append(await pending)
+                pending = None
             if buffer:
                 parts.append(await self._upload_part(key, upload_id, len(parts) + 1, bytes(buffer)))
             await self._call(
@@ -216,6 +224,10 @@ class ArtifactStore:
             )
             return total
         except BaseException:
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
             if upload_id is not None:
                 await asyncio.shield(self._abort_quietly(key, upload_id))
             raise

@@ -67,6 +67,7 @@ from gateway.http.canonical import JsonObject
 from gateway.policy.core import Access, Deny, Exchange, Policy
 from gateway.policy.experiments import experiment_prefix, strip_prefix_in_error
 from gateway.policy.graphql_schema import SCHEMA_SDL
+from gateway.policy.registry import registered_model_prefix
 from gateway.policy.runs import MAX_IDS_PER_REQUEST
 
 logger = logging.getLogger(__name__)
@@ -85,8 +86,6 @@ INPUT_ARGUMENT = "input"
 MAX_TOKENS = 2_000
 # The JSON keys of a GraphQL request, after the gateway's snake_case normalisation of `operationName`.
 REQUEST_FIELDS = frozenset({"query", "variables", "operation_name"})
-# Upstream registered-model and prompt names are `<tenant>.<name>` (design rule 5).
-REGISTRY_SEPARATOR = "."
 NOTE_ROOT_FIELD = "graphql_root_field"
 
 SCHEMA = build_schema(SCHEMA_SDL)
@@ -99,11 +98,6 @@ def _query_fields(schema: GraphQLSchema) -> dict[str, GraphQLField]:
 
 
 QUERY_FIELDS = _query_fields(SCHEMA)
-
-
-def registered_model_prefix(tenant: str) -> str:
-    """The upstream name prefix of every registered model of ``tenant``."""
-    return tenant + REGISTRY_SEPARATOR
 
 
 # -- the document checker (pure: no I/O) ----------------------------------------------------------

@@ -9,14 +9,13 @@ own route list, so an upgrade cannot silently open a hole. The strategies are th
 from __future__ import annotations
 
 from gateway.artifacts import routes as artifacts
-from gateway.policy import datasets, experiments, graphql, logged_models, otlp, runs, traces
+from gateway.policy import datasets, experiments, graphql, logged_models, otlp, registry, runs, searches, traces
 from gateway.policy.core import Access, Body, Deny, Local, Policy
 from gateway.policy.router import B2, B3, J2, J3, ROOT, Route, RouteTable, api
 
 # -- reasons ------------------------------------------------------------------------------------
 PENDING_TRACKING = Deny("not tenant-scoped yet (tracking tenancy)")
 DIRECT_CLOUD_ONLY = Deny("artifact roots are served by the gateway; use the mlflow-artifacts API")
-PENDING_REGISTRY = Deny("the model registry is not tenant-scoped yet")
 PENDING_GENAI = Deny("GenAI evaluation objects are not tenant-scoped yet")
 PROMPT_LINKS = Deny("linking traces to registered prompts waits for the prompt registry's tenancy")
 PENDING_UI = Deny("the web UI needs a browser login, which is not built yet")
@@ -127,9 +126,9 @@ ROUTES: list[Route] = [
     *api("POST", B2, "/mlflow/experiments/update", experiments.UPDATE),
     *api("POST", B2, "/mlflow/experiments/set-experiment-tag", experiments.SET_OR_DELETE_TAG),
     *api("POST", B2, "/mlflow/experiments/delete-experiment-tag", experiments.SET_OR_DELETE_TAG),
-    *api("GET", B2, "/mlflow/experiments/search", PENDING_TRACKING),
-    *api("POST", B2, "/mlflow/experiments/search", PENDING_TRACKING),
-    *api("POST", J2, "/mlflow/experiments/search-datasets", PENDING_TRACKING),
+    *api("GET", B2, "/mlflow/experiments/search", searches.SEARCH_EXPERIMENTS_GET),
+    *api("POST", B2, "/mlflow/experiments/search", searches.SEARCH_EXPERIMENTS_POST),
+    *api("POST", J2, "/mlflow/experiments/search-datasets", searches.SEARCH_DATASETS),
     # The proto path of SearchDatasets lacks a "/" (`/api/2.0mlflow/...`): MLflow answers 404.
     Route("POST", "/api/2.0mlflow/experiments/search-datasets", NOT_IMPLEMENTED),
     Route("POST", "/ajax-api/2.0mlflow/experiments/search-datasets", NOT_IMPLEMENTED),
@@ -147,11 +146,11 @@ ROUTES: list[Route] = [
     *api("POST", B2, "/mlflow/runs/log-model", runs.WRITE),
     *api("POST", B2, "/mlflow/runs/log-inputs", runs.LOG_INPUTS),
     *api("POST", B2, "/mlflow/runs/outputs", runs.LOG_INPUTS),
-    *api("POST", B2, "/mlflow/runs/search", runs.SEARCH),
+    *api("POST", B2, "/mlflow/runs/search", searches.SEARCH_RUNS),
     *api("GET", B2, "/mlflow/metrics/get-history", runs.READ),
     *api("GET", B2, "/mlflow/metrics/get-history-bulk-interval", runs.BULK_HISTORY_INTERVAL),
     *api("GET", J2, "/mlflow/metrics/get-history-bulk", runs.BULK_HISTORY),
-    *api("POST", J2, "/mlflow/runs/create-promptlab-run", PENDING_TRACKING),
+    *api("POST", J2, "/mlflow/runs/create-promptlab-run", searches.PROMPTLAB_RUN),
     # -- run-level artifacts and the mlflow-artifacts service ------------------------------------
     # Served by the gateway itself from S3 (gateway/artifacts): bytes never pass through MLflow.
     *api("GET", B2, "/mlflow/artifacts/list", artifacts.RUN_LIST),
@@ -179,33 +178,29 @@ ROUTES: list[Route] = [
     *api("GET", B2, "/mlflow/logged-models/{model_id}/artifacts/directories", logged_models.LIST_ARTIFACTS),
     *api("GET", J2, "/mlflow/logged-models/{model_id}/artifacts/files", artifacts.LOGGED_MODEL_GET),
     # -- model registry and prompts --------------------------------------------------------------
-    *_deny(
-        B2,
-        PENDING_REGISTRY,
-        ("POST", "/mlflow/registered-models/create"),
-        ("POST", "/mlflow/registered-models/rename"),
-        ("PATCH", "/mlflow/registered-models/update"),
-        ("DELETE", "/mlflow/registered-models/delete"),
-        ("GET", "/mlflow/registered-models/get"),
-        ("GET", "/mlflow/registered-models/search"),
-        ("GET", "/mlflow/registered-models/get-latest-versions"),
-        ("POST", "/mlflow/registered-models/get-latest-versions"),
-        ("POST", "/mlflow/registered-models/alias"),
-        ("DELETE", "/mlflow/registered-models/alias"),
-        ("GET", "/mlflow/registered-models/alias"),
-        ("POST", "/mlflow/registered-models/set-tag"),
-        ("DELETE", "/mlflow/registered-models/delete-tag"),
-        ("POST", "/mlflow/model-versions/create"),
-        ("PATCH", "/mlflow/model-versions/update"),
-        ("POST", "/mlflow/model-versions/transition-stage"),
-        ("DELETE", "/mlflow/model-versions/delete"),
-        ("GET", "/mlflow/model-versions/get"),
-        ("GET", "/mlflow/model-versions/search"),
-        ("GET", "/mlflow/model-versions/get-download-uri"),
-        ("POST", "/mlflow/model-versions/set-tag"),
-        ("DELETE", "/mlflow/model-versions/delete-tag"),
-    ),
-    *api("GET", ROOT, "/model-versions/get-artifact", PENDING_REGISTRY),
+    *api("POST", B2, "/mlflow/registered-models/create", registry.CREATE_MODEL),
+    *api("POST", B2, "/mlflow/registered-models/rename", registry.RENAME_MODEL),
+    *api("PATCH", B2, "/mlflow/registered-models/update", registry.UPDATE_MODEL),
+    *api("DELETE", B2, "/mlflow/registered-models/delete", registry.DELETE_MODEL),
+    *api("GET", B2, "/mlflow/registered-models/get", registry.READ_MODEL),
+    *api("GET", B2, "/mlflow/registered-models/search", registry.SEARCH_MODELS),
+    *api("GET", B2, "/mlflow/registered-models/get-latest-versions", registry.READ_MODEL),
+    *api("POST", B2, "/mlflow/registered-models/get-latest-versions", registry.READ_MODEL_POST),
+    *api("POST", B2, "/mlflow/registered-models/alias", registry.WRITE_MODEL),
+    *api("DELETE", B2, "/mlflow/registered-models/alias", registry.DELETE_ALIAS),
+    *api("GET", B2, "/mlflow/registered-models/alias", registry.READ_MODEL),
+    *api("POST", B2, "/mlflow/registered-models/set-tag", registry.MODEL_TAG),
+    *api("DELETE", B2, "/mlflow/registered-models/delete-tag", registry.MODEL_TAG),
+    *api("POST", B2, "/mlflow/model-versions/create", registry.CREATE_VERSION),
+    *api("PATCH", B2, "/mlflow/model-versions/update", registry.WRITE_VERSION),
+    *api("POST", B2, "/mlflow/model-versions/transition-stage", registry.WRITE_VERSION),
+    *api("DELETE", B2, "/mlflow/model-versions/delete", registry.DELETE_VERSION),
+    *api("GET", B2, "/mlflow/model-versions/get", registry.READ_VERSION),
+    *api("GET", B2, "/mlflow/model-versions/search", registry.SEARCH_VERSIONS),
+    *api("GET", B2, "/mlflow/model-versions/get-download-uri", registry.DOWNLOAD_URI),
+    *api("POST", B2, "/mlflow/model-versions/set-tag", registry.VERSION_TAG),
+    *api("DELETE", B2, "/mlflow/model-versions/delete-tag", registry.VERSION_TAG),
+    *api("GET", ROOT, "/model-versions/get-artifact", registry.GET_ARTIFACT),
     *_deny(B2, WEBHOOKS, ("GET", "/mlflow/webhooks"), ("POST", "/mlflow/webhooks")),
     *_deny(
         B2,

@@ -413,4 +413,5 @@ def test_search_without_experiment_ids_searches_nothing(client: httpx.Client, fa
     assert response.status_code == 200, response.text
     assert response.json() == {}
     (forwarded,) = fake.forwarded()
-    assert forwarded.json() == {"filter": "attributes.status = 'RUNNING'", "experiment_ids": []}
+    # The filter is forwarded in the gateway's canonical form (tests/app/test_searches.py).
+    assert forwarded.json() == {"filter": "status = 'RUNNING'", "experiment_ids": []}
