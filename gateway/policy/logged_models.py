@@ -7,13 +7,13 @@ one ("Logged model with ID '...' not found.").
 
 Registered-model names: a model's ``registrations[].name`` and its ``mlflow.modelVersions`` tag (a
 JSON list of ``{name, version}``, written by the registry's create-model-version) carry REGISTERED
-MODEL names. They are passed through as they are: the registry is not tenant-scoped yet (its routes
-are denied, so no version can be registered through the gateway). When registered-model names get
-their upstream tenant prefix, these two fields must be stripped of it too.
+MODEL names, stored upstream as ``<tenant>.<name>``. Responses strip the caller's prefix from both
+and drop entries of any other tenant (:func:`strip_registered_model_names`).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from gateway.errors import BadRequest
@@ -134,6 +134,45 @@ async def scope_model_search(ex: Exchange) -> None:
 
 
 _OWNED = require_owned_path_model
+MODEL_VERSIONS_TAG = "mlflow.modelVersions"
+
+
+def _strip_registrations(registrations: list[Any], prefix: str) -> list[Any]:
+    kept = []
+    for entry in registrations:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if isinstance(name, str) and name.startswith(prefix):
+            kept.append({**entry, "name": name[len(prefix) :]})
+    return kept
+
+
+def strip_registered_model_names(ex: Exchange, status: int, body: JsonObject) -> None:
+    """Show registered-model names inside logged models as the caller named them.
+
+    ``info.registrations[].name`` and the ``mlflow.modelVersions`` tag carry upstream registry names
+    (``<tenant>.<name>``): the caller's prefix is removed; an entry of another tenant (a version that
+    points at this model, made behind the gateway's back) is dropped rather than shown.
+    """
+    if status >= 300:
+        return
+    prefix = ex.tenant + "."
+    models = [body["model"]] if isinstance(body.get("model"), dict) else []
+    models += [m for m in body.get("models", []) if isinstance(m, dict)] if isinstance(body.get("models"), list) else []
+    for model in models:
+        info = model.get("info")
+        if not isinstance(info, dict):
+            continue
+        if isinstance(info.get("registrations"), list):
+            info["registrations"] = _strip_registrations(info["registrations"], prefix)
+        for tag in info.get("tags", []) if isinstance(info.get("tags"), list) else []:
+            if isinstance(tag, dict) and tag.get("key") == MODEL_VERSIONS_TAG and isinstance(tag.get("value"), str):
+                try:
+                    versions = json.loads(tag["value"])
+                except ValueError:
+                    continue
+                if isinstance(versions, list):
+                    tag["value"] = json.dumps(_strip_registrations(versions, prefix))
+
 
 CREATE = Policy(
     request=(
@@ -145,11 +184,16 @@ CREATE = Policy(
     response=(remember_created_model, strip_prefix_in_error),
     description="OE (0 -> tenant Default) + OR(source_run_id); matih.* reserved; provenance from the token",
 )
-GET = Policy(request=(_OWNED,), body=Body.NONE, access=Access.READ, description="OM")
-FINALIZE = Policy(request=(bind_body_model_id, _OWNED), description="OM; the body's model_id is the path's")
+_NAMES = (strip_registered_model_names,)
+GET = Policy(request=(_OWNED,), response=_NAMES, body=Body.NONE, access=Access.READ, description="OM")
+FINALIZE = Policy(
+    request=(bind_body_model_id, _OWNED), response=_NAMES, description="OM; the body's model_id is the path's"
+)
 DELETE = Policy(request=(bind_body_model_id, _OWNED), description="OM (a soft delete)")
 SET_TAGS = Policy(
-    request=(reject_reserved_tags("tags"), bind_body_model_id, _OWNED), description="OM; matih.* reserved"
+    request=(reject_reserved_tags("tags"), bind_body_model_id, _OWNED),
+    response=_NAMES,
+    description="OM; matih.* reserved",
 )
 DELETE_TAG = Policy(request=(reject_reserved_path_key("tag_key"), _OWNED), description="OM; matih.* reserved")
 LOG_PARAMS = Policy(request=(bind_body_model_id, _OWNED), description="OM")
@@ -161,6 +205,7 @@ LIST_ARTIFACTS = Policy(
 )
 SEARCH = Policy(
     request=(scope_model_search,),
+    response=_NAMES,
     access=Access.READ,
     description="OE on every experiment id (required), sorted and de-duplicated for the page token",
 )
