@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format bench bench-artifacts clean
+.PHONY: install client2 run test lint format bench bench-artifacts clean
 
 install: $(STAMP)
 
@@ -14,6 +14,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# The stock MLflow 2.x client, for the compatibility tests (tests/integration/test_client_v2.py).
+CLIENT2 := .venv-mlflow2
+CLIENT2_STAMP := $(CLIENT2)/.installed
+
+client2: $(CLIENT2_STAMP)
+
+$(CLIENT2_STAMP):
+	test -x $(CLIENT2)/bin/python || $(PYTHON) -m venv $(CLIENT2)
+	$(CLIENT2)/bin/python -m pip install --quiet 'mlflow-skinny>=2.22,<3'
+	touch $(CLIENT2_STAMP)
 
 run: install
 	$(BIN)/mlflow-gateway dev
@@ -27,7 +38,7 @@ format: install
 	$(BIN)/ruff check --fix gateway tests bench
 	$(BIN)/ruff format gateway tests bench
 
-test: install lint
+test: install client2 lint
 	$(BIN)/python -m pytest
 
 bench: install
@@ -37,4 +48,4 @@ bench-artifacts: install
 	$(BIN)/python bench/artifacts.py
 
 clean:
-	rm -rf $(VENV) .gateway-dev .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CLIENT2) .gateway-dev .pytest_cache .mypy_cache .ruff_cache
