@@ -15,12 +15,17 @@ from pathlib import Path
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import httpx
+import matplotlib
 import mlflow
+import numpy
 import pytest
+from matplotlib import pyplot
 from mlflow import MlflowClient
 
 from gateway.dev import S3_SECRET_KEY, DevStack, ManagedProcess, free_port, gateway_environment, s3_client
 from tests.integration.conftest import MlflowAs, MlflowEnv, TokenFactory
+
+matplotlib.use("Agg")
 
 
 def sigv4_query_signature_valid(url: str, method: str, secret: str = S3_SECRET_KEY) -> bool:
@@ -105,15 +110,24 @@ def test_stock_client_round_trip(artifact_gateway: tuple[str, str], tmp_path: Pa
         mlflow.log_artifacts(str(tree), artifact_path="tree")
         mlflow.log_dict({"k": [1, 2, 3]}, "conf/config.json")
         mlflow.log_text("<script>alert(1)</script>", "page.html")
+        mlflow.log_image(numpy.full((8, 8, 3), 200, dtype=numpy.uint8), "plots/image.png")
+        figure, axes = pyplot.subplots()
+        axes.plot([1, 2, 3], [3, 1, 2])
+        mlflow.log_figure(figure, "plots/figure.png")
+        pyplot.close(figure)
 
     client = MlflowClient()
     names = sorted(f.path for f in client.list_artifacts(run.info.run_id))
-    assert names == ["conf", "page.html", "single.bin", "tree"]
+    assert names == ["conf", "page.html", "plots", "single.bin", "tree"]
+    plots = sorted(f.path for f in client.list_artifacts(run.info.run_id, "plots"))
+    assert plots == ["plots/figure.png", "plots/image.png"]
     assert sorted(f.path for f in client.list_artifacts(run.info.run_id, "tree")) == ["tree/a.txt", "tree/sub"]
     out = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / "out")))
     assert _sha256(out / "single.bin") == _sha256(single)
     assert (out / "tree" / "sub" / "deeper" / "c.bin").read_bytes() == (tree / "sub" / "deeper" / "c.bin").read_bytes()
     assert mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/conf/config.json") == {"k": [1, 2, 3]}
+    assert (out / "plots" / "image.png").read_bytes().startswith(b"\x89PNG")
+    assert (out / "plots" / "figure.png").read_bytes().startswith(b"\x89PNG")
     # The bytes are in the shared bucket, under the run's experiment, where MLflow itself expects them.
     key = f"artifacts/{run.info.experiment_id}/{run.info.run_id}/artifacts/single.bin"
     assert s3_client(stack.s3_endpoint).head_object(Bucket=stack.bucket, Key=key)["ContentLength"] == 200_000
