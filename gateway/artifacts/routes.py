@@ -18,7 +18,7 @@ from starlette.types import Message, Receive, Send
 
 from gateway.artifacts.paths import ArtifactPath, check_relative, parse_artifact_path, require_owned_path
 from gateway.artifacts.s3 import ArtifactStore, guess_content_type
-from gateway.errors import BadRequest, EndpointNotFound, PayloadTooLarge, PermissionDenied
+from gateway.errors import BadRequest, EndpointNotFound, NotFound, PayloadTooLarge, PermissionDenied
 from gateway.http.canonical import JsonObject, single_value
 from gateway.policy.core import Access, Body, Exchange, Policy, Served
 
@@ -251,9 +251,23 @@ def _run_id(ex: Exchange) -> str:
     return run_ids.pop()
 
 
+async def _experiment_of(ex: Exchange, kind: str, object_id: str) -> str:
+    """The experiment of a run or logged model: owned by the caller, or any for a platform admin."""
+    ownership = ex.services.ownership
+    if ex.caller.platform_admin:
+        lookup = ownership.run_experiment_id if kind == "run" else ownership.logged_model_experiment_id
+        experiment_id = await lookup(object_id)
+        if experiment_id is None:
+            raise NotFound("Artifact does not exist")
+        return experiment_id
+    if kind == "run":
+        return await ownership.require_run(ex.tenant, object_id)
+    return await ownership.require_logged_model(ex.tenant, object_id)
+
+
 async def _run_artifact(ex: Exchange, relative: str | None) -> ArtifactPath:
     run_id = _run_id(ex)
-    experiment_id = await ex.services.ownership.require_run(ex.tenant, run_id)
+    experiment_id = await _experiment_of(ex, "run", run_id)
     inner = check_relative(relative or "", allow_empty=True)
     root = f"{experiment_id}/{run_id}/artifacts"
     return await _owned(ex, f"{root}/{inner}" if inner else root)
@@ -289,7 +303,7 @@ async def get_logged_model_artifact(ex: Exchange, receive: Receive, send: Send) 
     relative = single_value(ex.query, "artifact_file_path")
     if not relative:
         raise BadRequest("Missing value for required parameter 'artifact_file_path'.")
-    experiment_id = await ex.services.ownership.require_logged_model(ex.tenant, model_id)
+    experiment_id = await _experiment_of(ex, "model", model_id)
     artifact = await _owned(ex, f"{experiment_id}/models/{model_id}/artifacts/{check_relative(relative)}")
     await stream_download(_store(ex), artifact.path, receive, send)
 

@@ -173,26 +173,32 @@ class Ownership:
                 self.experiment_tenant.put(experiment_id, owner)
         return owner
 
-    async def require_run(self, tenant: str, run_id: str) -> str:
-        """Pass when the run's experiment is the tenant's; return that experiment id."""
+    async def run_experiment_id(self, run_id: str) -> str | None:
+        """The experiment a run lives in (cached for life), or ``None`` when there is no such run."""
         if not _RUN_ID.match(run_id):
-            raise run_not_found(run_id)
+            return None
         experiment_id = self.run_experiment.get(run_id)
         if experiment_id is None:
             experiment_id = await self._fetch_parent("runs/get", {"run_id": run_id}, ("run", "info"))
-            if experiment_id is None:
-                raise run_not_found(run_id)
-            self.run_experiment.put(run_id, experiment_id)
+            if experiment_id is not None:
+                self.run_experiment.put(run_id, experiment_id)
+        return experiment_id
+
+    async def require_run(self, tenant: str, run_id: str) -> str:
+        """Pass when the run's experiment is the tenant's; return that experiment id."""
+        experiment_id = await self.run_experiment_id(run_id)
+        if experiment_id is None:
+            raise run_not_found(run_id)
         try:
             await self.require_experiment(tenant, experiment_id)
         except NotFound:
             raise run_not_found(run_id) from None
         return experiment_id
 
-    async def require_logged_model(self, tenant: str, model_id: str) -> str:
-        """Pass when the logged model's experiment is the tenant's; return that experiment id."""
+    async def logged_model_experiment_id(self, model_id: str) -> str | None:
+        """The experiment a logged model lives in (cached for life), or ``None`` when there is none."""
         if not _LOGGED_MODEL_ID.match(model_id):
-            raise logged_model_not_found(model_id)
+            return None
         experiment_id = self.model_experiment.get(model_id)
         if experiment_id is None:
             # allow_deleted: a deleted model keeps its experiment (and can still be read with
@@ -200,9 +206,15 @@ class Ownership:
             experiment_id = await self._fetch_parent(
                 f"logged-models/{model_id}", {"allow_deleted": "true"}, ("model", "info")
             )
-            if experiment_id is None:
-                raise logged_model_not_found(model_id)
-            self.model_experiment.put(model_id, experiment_id)
+            if experiment_id is not None:
+                self.model_experiment.put(model_id, experiment_id)
+        return experiment_id
+
+    async def require_logged_model(self, tenant: str, model_id: str) -> str:
+        """Pass when the logged model's experiment is the tenant's; return that experiment id."""
+        experiment_id = await self.logged_model_experiment_id(model_id)
+        if experiment_id is None:
+            raise logged_model_not_found(model_id)
         try:
             await self.require_experiment(tenant, experiment_id)
         except NotFound:

@@ -1298,3 +1298,22 @@ def test_forced_multipart_download_falls_back_to_a_proxied_get(
     (tmp_path / "out").mkdir()
     out = stock_repo.download_artifacts("b.txt", str(tmp_path / "out"))
     assert Path(out).read_bytes() == b"bbb"
+
+
+def test_platform_admin_reads_any_tenants_artifacts_but_never_writes(proxy: ArtifactGateway, world: World) -> None:
+    from tests.factories import raw_token
+
+    admin = {"Authorization": f"Bearer {raw_token({'sub': 'root', 'roles': ['platform-admin']})}"}
+    proxy.store.put(f"{world.foreign_root}/x.txt", b"globex data")
+    for url, params in [
+        ("/get-artifact", {"run_id": world.foreign_run, "path": "x.txt"}),
+        (f"{ARTIFACTS}/{world.foreign_root}/x.txt", {}),
+    ]:
+        response = proxy.client.get(url, params=params, headers=admin)
+        assert response.status_code == 200, response.text
+        assert response.content == b"globex data"
+    listing = proxy.client.get("/api/2.0/mlflow/artifacts/list", params={"run_id": world.foreign_run}, headers=admin)
+    assert [f["path"] for f in listing.json()["files"]] == ["x.txt"]
+    response = proxy.client.put(f"{ARTIFACTS}/{world.foreign_root}/y.txt", content=b"no", headers=admin)
+    assert response.status_code == 403
+    assert f"{world.foreign_root}/y.txt" not in proxy.store.objects
