@@ -1,4 +1,4 @@
-"""``mlflow-gateway``: serve | dev | token."""
+"""``mlflow-gateway``: serve | dev | token | admin."""
 
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--data-dir", default=".gateway-dev", help="dev data dir whose secret is used when GATEWAY_JWT_SECRET is unset"
     )
+
+    from gateway.admin import add_admin_parser
+
+    add_admin_parser(commands)
     return parser
 
 
@@ -97,10 +101,16 @@ def _dev(args: argparse.Namespace) -> int:
     return run_dev(port=args.port, data_dir=Path(args.data_dir), jwt_secret=os.environ.get(env_name("jwt_secret")))
 
 
+def _admin(args: argparse.Namespace) -> int:
+    from gateway.admin import run_admin
+
+    return run_admin(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mlflow-gateway`` console script."""
     args = _parser().parse_args(argv)
-    handlers = {"serve": _serve, "dev": _dev, "token": _token}
+    handlers = {"serve": _serve, "dev": _dev, "token": _token, "admin": _admin}
     try:
         return handlers[args.command](args)
     except SettingsError as exc:
