@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install client2 run test lint format bench bench-artifacts clean
+.PHONY: install client2 browser-deps run test lint format bench bench-artifacts clean
 
 install: $(STAMP)
 
@@ -26,6 +26,13 @@ $(CLIENT2_STAMP):
 	$(CLIENT2)/bin/python -m pip install --quiet 'mlflow-skinny>=2.22,<3'
 	touch $(CLIENT2_STAMP)
 
+# Chromium for the real-browser UI tests (tests/browser): Debian's package, installed when missing and root.
+browser-deps:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	else echo "warning: /usr/bin/chromium is missing and cannot be installed (not root or no apt-get): browser tests will skip"; fi
+
 run: install
 	$(BIN)/mlflow-gateway dev
 
@@ -38,7 +45,7 @@ format: install
 	$(BIN)/ruff check --fix gateway tests bench
 	$(BIN)/ruff format gateway tests bench
 
-test: install client2 lint
+test: install client2 browser-deps lint
 	$(BIN)/python -m pytest
 
 bench: install

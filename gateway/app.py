@@ -18,7 +18,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.artifacts.s3 import ArtifactStore, store_from_environment
 from gateway.auth.jwt import Authenticator
 from gateway.auth.principal import ADMIN, EDITOR, VIEWER, Principal, access_level
-from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, PermissionDenied, Unauthenticated
+from gateway.errors import (
+    BadRequest,
+    EndpointNotFound,
+    GatewayError,
+    PayloadTooLarge,
+    PermissionDenied,
+    Unauthenticated,
+)
 from gateway.http.canonical import (
     canonical_path,
     dump_json,
@@ -35,6 +42,7 @@ from gateway.policy.ownership import Ownership
 from gateway.policy.router import RouteTable
 from gateway.policy.table import TABLE
 from gateway.settings import Settings
+from gateway.ui import UiMiddleware
 
 logger = logging.getLogger("gateway")
 
@@ -184,6 +192,8 @@ class Gateway:
             response.close()
 
     async def _local(self, action: Local, services: Services, send: Send) -> None:
+        if action.name not in ("health", "ready"):  # UI pages are answered by UiMiddleware, never here
+            raise EndpointNotFound(f"{action.name} is not served here")
         status, payload = 200, {"status": "ok"}
         if action.name == "ready":
             try:
@@ -283,6 +293,7 @@ def create_app(
     authenticator = Authenticator.from_settings(settings)
     stack: list[Callable[[ASGIApp], ASGIApp]] = [
         RequestIdMiddleware,
+        lambda app: UiMiddleware(app, settings=settings, authenticator=authenticator),
         lambda app: AuthenticationMiddleware(app, authenticator=authenticator, is_public=is_public_path),
     ]
     app: ASGIApp = gateway

@@ -26,6 +26,7 @@ import argparse
 import base64
 import contextlib
 import fcntl
+import hashlib
 import importlib
 import io
 import json
@@ -265,6 +266,10 @@ def gateway_environment(stack: DevStack, jwt_secret: str) -> dict[str, str]:
         "GATEWAY_UPSTREAM_URL": stack.mlflow_url,
         "GATEWAY_JWT_SECRET": jwt_secret,
         "GATEWAY_ARTIFACTS_DESTINATION": stack.artifacts_destination,
+        # The browser login of the web UI: a session key derived from the dev secret, and cookies
+        # without `Secure` because the dev stack serves plain HTTP on 127.0.0.1.
+        "GATEWAY_SESSION_SECRET": hashlib.sha256(b"session:" + jwt_secret.encode()).hexdigest(),
+        "GATEWAY_UI_INSECURE_COOKIES": "true",
         **_s3_env(stack.s3_endpoint),
     }
 
@@ -542,7 +547,7 @@ def demo_banner(*, gateway_url: str, jwt_secret: str, data_dir: Path) -> str:
             "",
         ]
     lines += [
-        f"UI: {gateway_url}/",
+        f"UI: {gateway_url}/ (log in by pasting one of the tokens above)",
         f"More tokens: mlflow-gateway token --data-dir {data_dir} --tenant <tenant> --user <user>",
         f"Logs: {data_dir / 'logs'}. Tokens are valid for 7 days. Stop with Ctrl-C.",
     ]

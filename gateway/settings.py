@@ -96,6 +96,11 @@ class Settings:
     upstream_pool_size: int = 100
     cache_size: int = 100_000
     log_level: str = "info"
+    # Web UI login (gateway/ui.py): the key session cookies are encrypted with (None: no UI login),
+    # plain-HTTP development cookies (no ``Secure`` flag), and the path prefix the gateway is served under.
+    session_secret: str | None = field(default=None, repr=False)
+    ui_insecure_cookies: bool = False
+    root_path: str = ""
 
     @property
     def upstream_host(self) -> str:
@@ -170,6 +175,25 @@ def _as_str_tuple(value: Any) -> tuple[str, ...]:
     return tuple(item for item in items if item)
 
 
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"must be true or false, got {value!r}")
+
+
+def _as_root_path(value: Any) -> str:
+    """``/prefix`` without a trailing slash; ``""`` or ``/`` mean no prefix."""
+    text = _as_str(value).strip().rstrip("/")
+    if text and (not text.startswith("/") or any(c in text for c in "?#%\\ ") or "//" in text):
+        raise ValueError(f"must be a path like /mlflow, got {value!r}")
+    return text
+
+
 def _optional_str(value: Any) -> str | None:
     text = _as_str(value).strip()
     return text or None
@@ -206,6 +230,9 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("upstream_pool_size", _as_int),
     _Spec("cache_size", _as_int),
     _Spec("log_level", _as_str),
+    _Spec("session_secret", _optional_str),
+    _Spec("ui_insecure_cookies", _as_bool),
+    _Spec("root_path", _as_root_path),
 )
 SETTING_NAMES = tuple(spec.name for spec in _SPECS)
 _REQUIRED = frozenset({"upstream_url"})
@@ -385,6 +412,9 @@ def _validate(values: dict[str, Any]) -> list[str]:
         problems.append(f"{env_name('artifacts_mode')}: must be 'proxy' or 'presigned'")
     if not 1 <= merged["presigned_url_ttl_seconds"] <= 7 * 24 * 3600:
         problems.append(f"{env_name('presigned_url_ttl_seconds')}: must be between 1 and 604800 (S3's limit)")
+    secret = merged["session_secret"]
+    if secret is not None and len(secret.encode()) < 32:
+        problems.append(f"{env_name('session_secret')}: must be at least 32 bytes")
     if merged["log_level"].lower() not in ("critical", "error", "warning", "info", "debug"):
         problems.append(f"{env_name('log_level')}: must be one of critical, error, warning, info, debug")
     return problems

@@ -8,6 +8,7 @@ own route list, so an upgrade cannot silently open a hole. The strategies are th
 
 from __future__ import annotations
 
+from gateway import ui
 from gateway.artifacts import routes as artifacts
 from gateway.policy import datasets, experiments, graphql, logged_models, otlp, registry, runs, searches, traces
 from gateway.policy.core import Access, Body, Deny, Local, Policy
@@ -18,7 +19,6 @@ PENDING_TRACKING = Deny("not tenant-scoped yet (tracking tenancy)")
 DIRECT_CLOUD_ONLY = Deny("artifact roots are served by the gateway; use the mlflow-artifacts API")
 PENDING_GENAI = Deny("GenAI evaluation objects are not tenant-scoped yet")
 PROMPT_LINKS = Deny("linking traces to registered prompts waits for the prompt registry's tenancy")
-PENDING_UI = Deny("the web UI needs a browser login, which is not built yet")
 WEBHOOKS = Deny("webhooks are server-global: they would fire on every tenant's registry events")
 WORKSPACES = Deny("workspaces are managed by the platform, not by tenants")
 AI_GATEWAY = Deny("the AI Gateway holds server-wide provider secrets and endpoints")
@@ -37,6 +37,8 @@ PUBLIC_STATIC = Policy(
 PUBLIC_INFO = Policy(body=Body.NONE, access=Access.READ, description="PUB: capability probe")
 HEALTH = Local("health")
 READY = Local("ready")
+# Answered by gateway.ui.UiMiddleware before the route table; listed so the table names every path.
+UI_PAGE = Local("ui-page")
 
 
 def _deny(prefixes: tuple[str, ...], reason: Deny, *rows: tuple[str, str]) -> list[Route]:
@@ -111,8 +113,11 @@ ROUTES: list[Route] = [
     *api("GET", B3, "/mlflow/server-info", artifacts.SERVER_INFO),
     *api("GET", ROOT, "/static-files/{path:path}", PUBLIC_STATIC),
     *api("GET", ROOT, "/build/{path:path}", PUBLIC_STATIC),
-    *api("GET", ROOT, "/", PENDING_UI),
-    *api("GET", J3, "/mlflow/ui-telemetry", PENDING_UI),
+    *api("GET", ROOT, "/", ui.INDEX),
+    *api("GET", ROOT, "/login", UI_PAGE),
+    *api("POST", ROOT, "/login", UI_PAGE),
+    *api("POST", ROOT, "/logout", UI_PAGE),
+    *api("GET", J3, "/mlflow/ui-telemetry", ui.TELEMETRY_CONFIG),
     *api("POST", J3, "/mlflow/ui-telemetry", TELEMETRY),
     *api("GET", ROOT, "/graphql", graphql.GET_DENIED),
     *api("POST", ROOT, "/graphql", graphql.QUERY),

@@ -113,6 +113,22 @@ def test_wildcards_never_reach_another_tenant(mlflow_as: MlflowAs, stack: DevSta
         assert upstream_name(stack, experiment_id).startswith("globex/")
 
 
+def test_the_uis_get_search_is_scoped(
+    mlflow_as: MlflowAs, stack: DevStack, gateway_url: str, token_factory: TokenFactory
+) -> None:
+    tag = nonce()
+    (mine,) = create_as(mlflow_as, "acme", f"ui-{tag}")
+    (theirs,) = create_as(mlflow_as, "globex", f"ui-{tag}")
+    response = httpx.get(
+        f"{gateway_url}/ajax-api/2.0/mlflow/experiments/search",
+        params=[("max_results", "1000"), ("filter", f"name LIKE '%{tag}'"), ("order_by", "name DESC")],
+        headers={"Authorization": f"Bearer {token_factory('acme')}"},
+    )
+    assert response.status_code == 200, response.text
+    assert [(e["experiment_id"], e["name"]) for e in response.json()["experiments"]] == [(mine, f"ui-{tag}")]
+    assert theirs != mine and upstream_name(stack, theirs) == f"globex/ui-{tag}"
+
+
 def test_experiment_id_filters_cannot_name_foreign_experiments(mlflow_as: MlflowAs) -> None:
     (secret,) = create_as(mlflow_as, "acme", f"by-id-{nonce()}")
     mlflow_as("globex", "mallory")
