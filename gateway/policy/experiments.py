@@ -75,7 +75,7 @@ def strip_experiment_names(*paths: str) -> ResponseStep:
             return
         prefix = experiment_prefix(ex.tenant)
         for path in paths:
-            for experiment in _objects_at(body, path):
+            for experiment in objects_at(body, path):
                 name = experiment.get("name")
                 if isinstance(name, str):
                     if not name.startswith(prefix):
@@ -85,7 +85,7 @@ def strip_experiment_names(*paths: str) -> ResponseStep:
     return step
 
 
-def _objects_at(body: JsonObject, path: str) -> list[JsonObject]:
+def objects_at(body: JsonObject, path: str) -> list[JsonObject]:
     """Objects at a dotted path; ``[]`` after a key walks a list (``experiments[]``)."""
     current: list[object] = [body]
     for part in path.split("."):

@@ -29,6 +29,7 @@ from gateway.artifacts.routes import send_json, stream_download
 from gateway.errors import BadRequest, NotFound, PermissionDenied
 from gateway.http.canonical import JsonObject, single_value
 from gateway.policy.core import Access, Body, Exchange, Policy, RequestStep, ResponseStep, Served
+from gateway.policy.experiments import objects_at
 from gateway.policy.filters import (
     Comparison,
     FilterError,
@@ -87,23 +88,6 @@ def prefix_name(field: str, *, required: bool = True) -> RequestStep:
 _NAME = prefix_name("name")
 
 
-def _walk(body: JsonObject, path: str) -> list[JsonObject]:
-    """Objects at a dotted path; ``[]`` after a key walks a list (``model_versions[]``)."""
-    current: list[object] = [body]
-    for part in path.split("."):
-        is_list = part.endswith("[]")
-        key = part[:-2] if is_list else part
-        following: list[object] = []
-        for node in current:
-            value = node.get(key) if isinstance(node, dict) else None
-            if is_list and isinstance(value, list):
-                following.extend(value)
-            elif value is not None and not is_list:
-                following.append(value)
-        current = following
-    return [node for node in current if isinstance(node, dict)]
-
-
 def _strip_source(obj: JsonObject, prefix: str) -> None:
     """``models:/<tenant>.<name>/<v>`` sources (copied versions) are shown as the client wrote them."""
     source = obj.get("source")
@@ -131,7 +115,7 @@ def strip_names(ex: Exchange, status: int, body: JsonObject) -> None:
         return
     prefix = registered_model_prefix(ex.tenant)
     for path in _OBJECT_PATHS:
-        for obj in _walk(body, path):
+        for obj in objects_at(body, path):
             name = obj.get("name")
             if not isinstance(name, str):
                 continue
