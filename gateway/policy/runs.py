@@ -116,9 +116,6 @@ LOG_BATCH = Policy(
     description="OR + OM; matih.* reserved",
 )
 LOG_INPUTS = Policy(request=(_OWNED_RUN, require_owned_model_ids("models[].model_id")), description="OR + OM")
-SEARCH = Policy(
-    request=(require_owned_experiments("experiment_ids"),), access=Access.READ, description="OE on every id"
-)
 BULK_HISTORY_INTERVAL = Policy(
     request=(require_owned_runs("run_ids"),), body=Body.NONE, access=Access.READ, description="OR each"
 )

@@ -15,7 +15,6 @@ from gateway.policy.core import Access, Body, Deny, Local, Policy
 from gateway.policy.router import B2, B3, J2, J3, ROOT, Route, RouteTable, api
 
 # -- reasons ------------------------------------------------------------------------------------
-PENDING_TRACKING = Deny("not tenant-scoped yet (tracking tenancy)")
 DIRECT_CLOUD_ONLY = Deny("artifact roots are served by the gateway; use the mlflow-artifacts API")
 PENDING_GENAI = Deny("GenAI evaluation objects are not tenant-scoped yet")
 PROMPT_LINKS = Deny("linking traces to registered prompts waits for the prompt registry's tenancy")
