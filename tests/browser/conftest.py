@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, sync_playwright
 
-from gateway.dev import DevStack, ManagedProcess, free_port, gateway_environment
-from tests.integration.conftest import jwt_secret, mlflow_env, stack, token_factory
+from gateway.dev import DevStack, gateway_environment
+from tests.integration.conftest import jwt_secret, mlflow_env, serve_gateway, stack, token_factory
 
 __all__ = ["jwt_secret", "mlflow_env", "stack", "token_factory"]
 
@@ -74,23 +74,12 @@ def chromium() -> str:
 @pytest.fixture(scope="session")
 def ui_gateway(stack: DevStack, jwt_secret: str) -> Iterator[str]:
     """A gateway with the browser login on (plain-HTTP cookies) in front of the session's stack."""
-    port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("GATEWAY_", "MLFLOW_"))}
-    env |= gateway_environment(stack, jwt_secret) | {
+    settings = gateway_environment(stack, jwt_secret) | {
         "GATEWAY_SESSION_SECRET": secrets.token_urlsafe(36),
         "GATEWAY_UI_INSECURE_COOKIES": "true",
     }
-    process = ManagedProcess(
-        name="gateway-ui",
-        argv=[str(Path(sys.executable).parent / "mlflow-gateway"), "serve", "--port", str(port)],
-        log_path=stack.data_dir / "logs" / "gateway-ui.log",
-        env=env,
-    )
-    try:
-        process.wait_http_ok(f"http://127.0.0.1:{port}/ready", timeout=60)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.stop()
+    with serve_gateway(stack, "gateway-ui", settings) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ talk to them with the stock ``mlflow`` client configured only through ``MLFLOW_T
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import sys
@@ -68,28 +69,35 @@ def jwt_secret() -> str:
     return secrets.token_urlsafe(36)  # 48 characters
 
 
-@pytest.fixture(scope="session")
-def gateway_url(stack: DevStack, jwt_secret: str) -> Iterator[str]:
-    """``mlflow-gateway serve`` as a subprocess in front of the session's MLflow, ready on ``/ready``.
+@contextlib.contextmanager
+def serve_gateway(stack: DevStack, name: str, settings: dict[str, str]) -> Iterator[str]:
+    """Run ``mlflow-gateway serve`` as a subprocess with ``settings`` as its only GATEWAY_/MLFLOW_ variables.
 
-    Yields its base URL (``http://127.0.0.1:<port>``); its log is ``<stack.data_dir>/logs/gateway.log``.
+    Yields its base URL once ``/ready`` answers; its log is ``<stack.data_dir>/logs/<name>.log``; it is
+    always stopped.
     """
     port = free_port()
     script = Path(sys.executable).parent / "mlflow-gateway"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "gateway.cli"]
     env = {key: value for key, value in os.environ.items() if not key.startswith(("GATEWAY_", "MLFLOW_"))}
-    env |= gateway_environment(stack, jwt_secret)
     process = ManagedProcess(
-        name="gateway",
+        name=name,
         argv=[*command, "serve", "--host", "127.0.0.1", "--port", str(port)],
-        log_path=stack.data_dir / "logs" / "gateway.log",
-        env=env,
+        log_path=stack.data_dir / "logs" / f"{name}.log",
+        env=env | settings,
     )
     try:
         process.wait_http_ok(f"http://127.0.0.1:{port}/ready", timeout=GATEWAY_START_TIMEOUT)
         yield f"http://127.0.0.1:{port}"
     finally:
         process.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway_url(stack: DevStack, jwt_secret: str) -> Iterator[str]:
+    """The session's gateway in front of the session's MLflow (log: ``<stack.data_dir>/logs/gateway.log``)."""
+    with serve_gateway(stack, "gateway", gateway_environment(stack, jwt_secret)) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ import hashlib
 import hmac
 import http.client
 import os
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +21,8 @@ import pytest
 from matplotlib import pyplot
 from mlflow import MlflowClient
 
-from gateway.dev import S3_SECRET_KEY, DevStack, ManagedProcess, free_port, gateway_environment, s3_client
-from tests.integration.conftest import MlflowAs, MlflowEnv, TokenFactory
+from gateway.dev import S3_SECRET_KEY, DevStack, gateway_environment, s3_client
+from tests.integration.conftest import MlflowAs, MlflowEnv, TokenFactory, serve_gateway
 
 matplotlib.use("Agg")
 
@@ -70,20 +69,9 @@ def _random_file(path: Path, size: int) -> Path:
 @pytest.fixture(scope="module")
 def presigned_gateway(stack: DevStack, jwt_secret: str) -> Iterator[str]:
     """A second gateway on the same stack, in presigned mode."""
-    port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("GATEWAY_", "MLFLOW_"))}
-    env |= gateway_environment(stack, jwt_secret) | {"GATEWAY_ARTIFACTS_MODE": "presigned"}
-    process = ManagedProcess(
-        name="gateway-presigned",
-        argv=[str(Path(sys.executable).parent / "mlflow-gateway"), "serve", "--port", str(port)],
-        log_path=stack.data_dir / "logs" / "gateway-presigned.log",
-        env=env,
-    )
-    try:
-        process.wait_http_ok(f"http://127.0.0.1:{port}/ready", timeout=60)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.stop()
+    settings = gateway_environment(stack, jwt_secret) | {"GATEWAY_ARTIFACTS_MODE": "presigned"}
+    with serve_gateway(stack, "gateway-presigned", settings) as url:
+        yield url
 
 
 @pytest.fixture(params=["proxy", "presigned"])

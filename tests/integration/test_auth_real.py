@@ -5,14 +5,11 @@ configured side by side, the stock client with Bearer and with Basic credentials
 from __future__ import annotations
 
 import json
-import os
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,8 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from gateway.dev import DevStack, ManagedProcess, free_port
-from tests.integration.conftest import MlflowEnv
+from gateway.dev import DevStack
+from tests.integration.conftest import MlflowEnv, serve_gateway
 
 CI_ISSUER = "https://ci.example.invalid"
 CI_SECRET = "integration-ci-secret-that-is-long-enough-for-hs256-0123456789"
@@ -139,27 +136,15 @@ user_claim = "preferred_username"
 roles_claim = "realm_access.roles"
 """
     )
-    port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("GATEWAY_", "MLFLOW_"))}
-    env |= {
+    settings = {
         "GATEWAY_UPSTREAM_URL": stack.mlflow_url,
         "GATEWAY_JWT_SECRET": CI_SECRET,
         "GATEWAY_JWT_ISSUER": CI_ISSUER,
         "GATEWAY_JWKS_REFETCH_COOLDOWN_SECONDS": "2",
         "GATEWAY_CONFIG": str(config),
     }
-    script = Path(sys.executable).parent / "mlflow-gateway"
-    process = ManagedProcess(
-        name="gateway-auth",
-        argv=[str(script), "serve", "--host", "127.0.0.1", "--port", str(port)],
-        log_path=stack.data_dir / "logs" / "gateway-auth.log",
-        env=env,
-    )
-    try:
-        process.wait_http_ok(f"http://127.0.0.1:{port}/ready", timeout=60)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.stop()
+    with serve_gateway(stack, "gateway-auth", settings) as url:
+        yield url
 
 
 def _ci_token(tenant: str, user: str, **extra: Any) -> str:
