@@ -1058,15 +1058,21 @@ PART = 5 * 1024 * 1024  # S3's minimum part size
 
 
 class SpyStore(ArtifactStore):
-    """The real store, recording the name of every boto3 operation it calls."""
+    """The real store, recording the name of every boto3 operation it calls once that call has returned.
+
+    Recording on return (not on entry) lets a test wait for "abort_multipart_upload" and then check S3:
+    the abort has then really happened, not merely started.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.operations: list[str] = []
 
     async def _call(self, function: Callable[..., Any], /, **kwargs: Any) -> Any:
-        self.operations.append(getattr(function, "__name__", repr(function)))
-        return await super()._call(function, **kwargs)
+        try:
+            return await super()._call(function, **kwargs)
+        finally:
+            self.operations.append(getattr(function, "__name__", repr(function)))
 
 
 @dataclass
