@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install client2 browser-deps run test lint format bench bench-artifacts clean
+.PHONY: install client2 browser-deps system-deps run test lint format bench bench-artifacts clean
 
 install: $(STAMP)
 
@@ -33,6 +33,13 @@ browser-deps:
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
 	else echo "warning: /usr/bin/chromium is missing and cannot be installed (not root or no apt-get): browser tests will skip"; fi
 
+# Servers the tests start themselves: redis-server (shared rate limits). Debian's package, installed when missing.
+system-deps: browser-deps
+	@if command -v redis-server >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server; \
+	else echo "warning: redis-server is missing and cannot be installed (not root or no apt-get): Redis tests will skip"; fi
+
 run: install
 	$(BIN)/mlflow-gateway dev
 
@@ -45,7 +52,7 @@ format: install
 	$(BIN)/ruff check --fix gateway tests bench
 	$(BIN)/ruff format gateway tests bench
 
-test: install client2 browser-deps lint
+test: install client2 system-deps lint
 	$(BIN)/python -m pytest
 
 bench: install
