@@ -55,11 +55,43 @@ format: install
 test: install client2 system-deps lint
 	$(BIN)/python -m pytest
 
-bench: install
-	$(BIN)/python bench/passthrough.py
+# Benchmarks (bench/README.md, figures in bench/RESULTS.md). `make bench` runs the quick version of each (about
+# 6 minutes); the bench-* targets run the full ones, with BENCH_ARGS passed on (e.g. BENCH_ARGS="--rounds 5").
+.PHONY: bench-deps bench-passthrough bench-tracking bench-overhead bench-scale
+
+# wrk drives bench/overhead.py: Debian's package, installed when missing and root (like system-deps).
+bench-deps:
+	@if command -v wrk >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y wrk; \
+	else echo "error: wrk is missing and cannot be installed (not root or no apt-get)"; exit 1; fi
+
+bench: install bench-deps
+	$(BIN)/python bench/passthrough.py --quick
+	$(BIN)/python bench/tracking.py --quick
+	$(BIN)/python bench/overhead.py --quick
+	$(BIN)/python bench/scale.py --quick
+	$(BIN)/python bench/artifacts.py --quick
+
+bench-passthrough: install
+	$(BIN)/python bench/passthrough.py $(BENCH_ARGS)
+
+bench-tracking: install
+	$(BIN)/python bench/tracking.py $(BENCH_ARGS)
+
+bench-overhead: install bench-deps
+	$(BIN)/python bench/overhead.py $(BENCH_ARGS)
+
+bench-scale: install
+	$(BIN)/python bench/scale.py $(BENCH_ARGS)
 
 bench-artifacts: install
-	$(BIN)/python bench/artifacts.py
+	$(BIN)/python bench/artifacts.py $(BENCH_ARGS)
+
+# Bounded soak test, not part of `make test` (bench/README.md): e.g. make bench-soak SOAK_ARGS="--minutes 10".
+.PHONY: bench-soak
+bench-soak: install
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(CLIENT2) .gateway-dev .pytest_cache .mypy_cache .ruff_cache

@@ -35,8 +35,10 @@ from gateway.http.canonical import (
 )
 from gateway.http.forward import encode_query, send_upstream_response, upstream_headers
 from gateway.http.upstream import UpstreamClient, request_headers
+from gateway.limits import rate_limit_middleware, refuse_declared_oversize
+from gateway.metrics import GatewayMetrics, MetricsEndpoint
 from gateway.middleware import AuthenticationMiddleware, RequestIdMiddleware, send_error
-from gateway.observability import audit
+from gateway.observability import ObservabilityMiddleware, audit, set_route
 from gateway.policy.core import Access, Body, Deny, Exchange, Local, Policy, Served, Services
 from gateway.policy.ownership import Ownership
 from gateway.policy.router import RouteTable
@@ -50,6 +52,9 @@ _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 ROLE_FOR_ACCESS = {Access.READ: VIEWER, Access.WRITE: EDITOR, Access.ADMIN: ADMIN}
 PUBLIC_PREFIXES = ("/static-files/", "/build/")
 PUBLIC_PATHS = frozenset({"/health", "/ready"})
+# Set to True in the ASGI lifespan state by the server when it starts draining (gateway/serving.py):
+# from then on /ready answers 503 so load balancers stop sending, while requests are still served.
+DRAINING_STATE_KEY = "gateway.draining"
 
 
 def is_public_path(path: str) -> bool:
@@ -61,11 +66,16 @@ class Gateway:
     """The innermost ASGI app: canonicalise, look up the route, run the policy, forward."""
 
     def __init__(
-        self, settings: Settings, table: RouteTable = TABLE, artifact_store: ArtifactStore | None = None
+        self,
+        settings: Settings,
+        table: RouteTable = TABLE,
+        artifact_store: ArtifactStore | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.table = table
         self.artifact_store = artifact_store
+        self.metrics = metrics
         self.services: Services | None = None
 
     @contextlib.asynccontextmanager
@@ -84,11 +94,17 @@ class Gateway:
                 self.settings.artifacts_destination,
                 public_endpoint_url=self.settings.s3_public_endpoint_url,
                 presign_ttl_seconds=self.settings.presigned_url_ttl_seconds,
+                connect_timeout=self.settings.upstream_connect_timeout,
+                read_timeout=self.settings.upstream_timeout,
             )
         self.services = Services(
             settings=self.settings,
             upstream=upstream,
-            ownership=Ownership(upstream, max_size=self.settings.cache_size),
+            ownership=Ownership(
+                upstream,
+                max_size=self.settings.cache_size,
+                on_cache_lookup=self.metrics.cache_lookup if self.metrics is not None else None,
+            ),
             artifacts=artifacts,
         )
         try:
@@ -134,11 +150,12 @@ class Gateway:
         match = self.table.match(method, path)
         if match is None:
             raise PermissionDenied(f"{method} {path} is not an endpoint the gateway allows")
+        set_route(match.route.template)
         action = match.route.action
         if isinstance(action, Deny):
             raise action.error()
         if isinstance(action, Local):
-            await self._local(action, services, send)
+            await self._local(action, services, send, draining=bool(scope["state"].get(DRAINING_STATE_KEY)))
             return
         principal = scope["state"].get("principal")
         authenticated = action.authenticated if isinstance(action, Policy) else True
@@ -149,6 +166,8 @@ class Gateway:
         admin_view = principal is not None and principal.platform_admin
         if admin_view:
             action = _platform_admin_view(action, principal, method, path, request_id)
+        body_limit = self.settings.max_body_bytes if action.body is Body.STREAM else self.settings.max_json_body_bytes
+        refuse_declared_oversize(scope["headers"], body_limit)  # 413 before reading a body declared too large
         query = parse_query(scope.get("query_string", b""))
         raw_body = b""
         body = None
@@ -191,11 +210,13 @@ class Gateway:
         finally:
             response.close()
 
-    async def _local(self, action: Local, services: Services, send: Send) -> None:
+    async def _local(self, action: Local, services: Services, send: Send, *, draining: bool = False) -> None:
         if action.name not in ("health", "ready"):  # UI pages are answered by UiMiddleware, never here
             raise EndpointNotFound(f"{action.name} is not served here")
         status, payload = 200, {"status": "ok"}
-        if action.name == "ready":
+        if action.name == "ready" and draining:
+            status, payload = 503, {"status": "draining"}
+        elif action.name == "ready":
             try:
                 response = await services.upstream.send("GET", "/health", headers={"accept": "*/*"})
                 await response.read()
@@ -289,12 +310,25 @@ def create_app(
 
     ``artifact_store`` replaces the S3 store built from the settings (tests use a recording one).
     """
-    gateway = Gateway(settings, table, artifact_store)
+    metrics = GatewayMetrics()
+    gateway = Gateway(settings, table, artifact_store, metrics)
     authenticator = Authenticator.from_settings(settings)
+    rate_limits = rate_limit_middleware(settings, is_public=is_public_path)  # None: no limit configured
     stack: list[Callable[[ASGIApp], ASGIApp]] = [
         RequestIdMiddleware,
+        lambda app: ObservabilityMiddleware(
+            app,
+            metrics=metrics,
+            metrics_endpoint=MetricsEndpoint(
+                metrics, token=settings.metrics_token, allow_networks=settings.metrics_allow_networks
+            ),
+            table=table,
+            access_log=settings.access_log,
+            root_path=settings.root_path,
+        ),
         lambda app: UiMiddleware(app, settings=settings, authenticator=authenticator),
         lambda app: AuthenticationMiddleware(app, authenticator=authenticator, is_public=is_public_path),
+        *([rate_limits] if rate_limits is not None else []),
     ]
     app: ASGIApp = gateway
     for wrap in reversed(stack):

@@ -21,6 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help=f"bind address (default 127.0.0.1; env {env_name('host')})")
     serve.add_argument("--port", type=int, help=f"port (default 8080; env {env_name('port')})")
     serve.add_argument("--config", help=f"TOML settings file (env {env_name('config')}); env variables win")
+    serve.add_argument(
+        "--workers", type=int, help=f"worker processes sharing the port (default 1; env {env_name('workers')})"
+    )
 
     dev = commands.add_parser("dev", help="run mlflow server + S3 emulator + gateway on this machine")
     dev.add_argument("--port", type=int, default=5000, help="gateway port (default 5000)")
@@ -43,26 +46,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from gateway.app import create_app
     from gateway.observability import configure_logging
+    from gateway.serving import serve
 
-    settings = load_settings(config_file=args.config, overrides={"host": args.host, "port": args.port})
+    overrides = {"host": args.host, "port": args.port, "workers": args.workers}
+    settings = load_settings(config_file=args.config, overrides=overrides)
     configure_logging(settings.log_level)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop" if sys.platform != "win32" else "asyncio",
-        http="httptools",
-        log_level=settings.log_level.lower(),
-        access_log=False,
-        proxy_headers=False,
-        server_header=False,
-        lifespan="on",
-    )
-    return 0
+    return serve(settings)  # drains on SIGTERM (gateway/serving.py)
 
 
 def _token(args: argparse.Namespace) -> int:

@@ -358,8 +358,12 @@ def start_mlflow(
     bucket: str,
     allowed_hosts: Sequence[str] | None = None,
     cors_allowed_origins: Sequence[str] | None = None,
+    workers: int = 1,
+    extra_env: Mapping[str, str] | None = None,
 ) -> ManagedProcess:
     """Start ``mlflow server`` on 127.0.0.1:``port`` and wait until ``/health`` answers 200.
+
+    ``workers`` and ``extra_env`` (e.g. ``MLFLOW_SQLALCHEMYSTORE_POOL_SIZE``) exist for the benchmarks.
 
     Metadata goes to ``<data_dir>/mlflow.db``; artifacts are proxied (``--serve-artifacts``) to
     ``s3://<bucket>/artifacts`` on the emulator. ``allowed_hosts`` defaults to this address only
@@ -373,7 +377,7 @@ def start_mlflow(
     argv = [sys.executable, "-m", "mlflow", "server"]
     argv += ["--backend-store-uri", f"sqlite:///{data_dir / 'mlflow.db'}"]
     argv += ["--serve-artifacts", "--artifacts-destination", f"s3://{bucket}/{ARTIFACTS_PREFIX}"]
-    argv += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    argv += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
     argv += ["--allowed-hosts", ",".join(hosts)]
     if cors_allowed_origins:
         argv += ["--cors-allowed-origins", ",".join(cors_allowed_origins)]
@@ -385,6 +389,7 @@ def start_mlflow(
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
             "MLFLOW_ENABLE_REMOTE_ASSISTANT": "false",
             "DO_NOT_TRACK": "true",
+            **(extra_env or {}),
         }
     )
     process = ManagedProcess(name="mlflow", argv=argv, log_path=data_dir / "logs" / "mlflow.log", env=env, cwd=data_dir)
@@ -409,10 +414,14 @@ class DevStack:
         *,
         bucket: str = DEFAULT_BUCKET,
         cors_allowed_origins: Sequence[str] | None = None,
+        mlflow_workers: int = 1,
+        mlflow_env: Mapping[str, str] | None = None,
     ) -> None:
         self.data_dir = data_dir.resolve()
         self.bucket = bucket
         self.cors_allowed_origins = cors_allowed_origins
+        self.mlflow_workers = mlflow_workers
+        self.mlflow_env = dict(mlflow_env or {})
         self.s3: ManagedProcess | None = None
         self.mlflow: ManagedProcess | None = None
         self._s3_port = 0
@@ -453,6 +462,8 @@ class DevStack:
                 s3_endpoint=self.s3_endpoint,
                 bucket=self.bucket,
                 cors_allowed_origins=self.cors_allowed_origins,
+                workers=self.mlflow_workers,
+                extra_env=self.mlflow_env,
             )
         except BaseException:
             self.stop()

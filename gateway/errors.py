@@ -11,6 +11,7 @@ Every refusal the gateway makes is a ``GatewayError``; :func:`error_body` turns 
      ├── NotFound              404 RESOURCE_DOES_NOT_EXIST
      │    └── EndpointNotFound 404 ENDPOINT_NOT_FOUND
      ├── PayloadTooLarge       413 REQUEST_LIMIT_EXCEEDED
+     ├── RateLimited           429 REQUEST_LIMIT_EXCEEDED (+ Retry-After)
      ├── HeadersTooLarge       431 REQUEST_LIMIT_EXCEEDED
      └── UpstreamError         502 (the upstream answered something unusable)
           ├── UpstreamUnavailable  503 TEMPORARILY_UNAVAILABLE (+ Retry-After)
@@ -83,6 +84,16 @@ class PayloadTooLarge(GatewayError):
 
     status = 413
     error_code = "REQUEST_LIMIT_EXCEEDED"
+
+
+class RateLimited(GatewayError):
+    """The caller's rate limit is used up; the client retries after ``Retry-After`` seconds."""
+
+    status = 429
+    error_code = "REQUEST_LIMIT_EXCEEDED"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
 
 
 class HeadersTooLarge(GatewayError):

@@ -1,17 +1,120 @@
-"""Audit log: one JSON line per security-relevant decision, on the ``gateway.audit`` logger.
+"""What the gateway tells its operators: the per-request record, the access log and the audit log.
 
-Never contains a token, a cookie or a request body: only who, what and why.
+:class:`ObservabilityMiddleware` (just inside the request id) keeps one :class:`RequestRecord` per
+HTTP request in a context variable; small hooks fill it from where the facts are known:
+
+- :func:`set_route`: the matched route template (``Gateway._handle``),
+- :func:`note_upstream` / :func:`note_upstream_error`: time, calls and failures of upstream calls
+  (``UpstreamClient``),
+- :func:`note_error`: every error the gateway answers itself (``send_error``), so every denial, from
+  whichever middleware, is seen,
+- :func:`note_artifact_bytes`: artifact bytes streamed to or from S3 (``gateway/artifacts/routes.py``).
+
+When the response is done the middleware updates the metrics, writes one JSON line on the
+``gateway.access`` logger and, for a refusal (a 4xx the gateway produced, never an upstream's own
+error), one ``denied`` record on the ``gateway.audit`` logger. Neither ever contains a token, a
+cookie, a query string or a body: only who, what, how it ended and why.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.errors import GatewayError
+from gateway.http.canonical import canonical_path
+
+if TYPE_CHECKING:
+    from gateway.metrics import GatewayMetrics, MetricsEndpoint
+    from gateway.policy.router import RouteTable
 
 audit_logger = logging.getLogger("gateway.audit")
+access_logger = logging.getLogger("gateway.access")
+
+UNAUTHENTICATED_TENANT = "-"
+UNMATCHED_ROUTE = "unmatched"
+_MAX_LOGGED_TEXT = 512  # paths and refusal reasons are cut here: a log line stays a line
+# Metric label values for the method: the methods MLflow uses, anything else is "other".
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What is known about one HTTP request, filled in as it is served."""
+
+    request_id: str
+    method: str
+    path: str
+    started: float  # time.perf_counter() when the request arrived
+    metrics: GatewayMetrics | None = None
+    route: str | None = None  # the route template, never the raw path
+    status: int = 0  # of the response start; 0 until one is sent
+    upstream_seconds: float = 0.0  # time to upstream response headers, plus buffered body reads
+    upstream_calls: int = 0
+    bytes_in: int = 0  # request body bytes received from the client
+    bytes_out: int = 0  # response body bytes sent to the client
+    artifact_bytes_in: int = 0
+    artifact_bytes_out: int = 0
+    error_status: int = 0  # of the last error the gateway answered itself (send_error)
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+_current: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar("gateway_request", default=None)
+
+
+def current_request() -> RequestRecord | None:
+    """The record of the request being served, or ``None`` outside a request."""
+    return _current.get()
+
+
+def set_route(template: str) -> None:
+    """Record the matched route template."""
+    record = _current.get()
+    if record is not None:
+        record.route = template
+
+
+def note_error(error: GatewayError) -> None:
+    """Record an error the gateway answers itself (called by ``send_error``)."""
+    record = _current.get()
+    if record is not None:
+        record.error_status = error.status
+        record.error_code = error.error_code
+        record.error_message = error.message
+
+
+def note_upstream(seconds: float, *, call: bool = True) -> None:
+    """Add ``seconds`` of upstream time; ``call``: one more upstream call (its headers arrived or it failed)."""
+    record = _current.get()
+    if record is None:
+        return
+    record.upstream_seconds += seconds
+    if call:
+        record.upstream_calls += 1
+        if record.metrics is not None:
+            record.metrics.upstream_duration.observe(seconds)
+
+
+def note_upstream_error(kind: str) -> None:
+    """Count an upstream failure: ``unavailable``, ``timeout`` or ``invalid``."""
+    record = _current.get()
+    if record is not None and record.metrics is not None:
+        record.metrics.upstream_errors.labels(kind).inc()
+
+
+def note_artifact_bytes(*, received: int = 0, sent: int = 0) -> None:
+    """Count artifact bytes received from the client (uploads) or sent to it (downloads)."""
+    record = _current.get()
+    if record is not None:
+        record.artifact_bytes_in += received
+        record.artifact_bytes_out += sent
 
 
 def audit(event: str, **fields: Any) -> None:
@@ -21,8 +124,158 @@ def audit(event: str, **fields: Any) -> None:
         audit_logger.info(orjson.dumps(record, default=str).decode())
 
 
+class ObservabilityMiddleware:
+    """Keep the request's record, answer ``/metrics``, then count, log and audit the request.
+
+    Sits just inside the request id middleware and outside authentication, so it sees every
+    request, including those refused before they reach the pipeline, and so the metrics token is
+    never mistaken for a JWT. The principal is read from ``scope["state"]`` after the inner app
+    ran (the state dict is shared by every layer).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: GatewayMetrics,
+        metrics_endpoint: MetricsEndpoint,
+        table: RouteTable,
+        access_log: bool = True,
+        root_path: str = "",
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.metrics_endpoint = metrics_endpoint
+        self.table = table
+        self.access_log = access_log
+        self.root_path = root_path
+        self.metrics_path = f"{root_path}/metrics"
+        # Labelled children by label values: prometheus-client's labels() takes a lock and builds a
+        # key on every call; this dict is bounded by the same label sets as the metrics themselves.
+        self._children: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                send = self._on_shutdown(send)
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        path: str = scope["path"]
+        method: str = scope["method"]
+        record = RequestRecord(state.get("request_id", "-"), method, path, time.perf_counter(), self.metrics)
+        app = self.metrics_endpoint if path == self.metrics_path and method == "GET" else self.app
+
+        async def counting_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                record.bytes_in += len(message.get("body", b""))
+            return message
+
+        async def counting_send(message: Message) -> None:
+            kind = message["type"]
+            if kind == "http.response.body":
+                record.bytes_out += len(message.get("body", b""))
+            elif kind == "http.response.start":
+                record.status = message["status"]
+            await send(message)
+
+        context = _current.set(record)
+        self.metrics.in_flight.inc()
+        try:
+            await app(scope, counting_receive, counting_send)
+        finally:
+            self.metrics.in_flight.dec()
+            _current.reset(context)
+            self._finish(record, scope, state)
+
+    def _finish(self, record: RequestRecord, scope: Scope, state: dict[str, Any]) -> None:
+        """Count, log and audit a finished request."""
+        elapsed = time.perf_counter() - record.started
+        principal = state.get("principal")
+        tenant = (principal.tenant or UNAUTHENTICATED_TENANT) if principal is not None else UNAUTHENTICATED_TENANT
+        user = principal.user if principal is not None else None
+        route = record.route or self._route_of(scope)
+        status = record.status or 500  # no response started: the server answers 500
+        method = record.method if record.method in _METHODS else "other"
+        metrics = self.metrics
+        key = (tenant, route, method, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                metrics.requests.labels(tenant, route, method, str(status)),
+                metrics.request_duration.labels(route),
+            )
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(elapsed)
+        if record.artifact_bytes_in:
+            metrics.artifact_bytes.labels(tenant, "in").inc(record.artifact_bytes_in)
+        if record.artifact_bytes_out:
+            metrics.artifact_bytes.labels(tenant, "out").inc(record.artifact_bytes_out)
+        if 400 <= record.error_status < 500 and record.error_code is not None:
+            metrics.denials.labels(record.error_code, str(record.error_status)).inc()
+            audit(
+                "denied",
+                request_id=record.request_id,
+                tenant=tenant,
+                user=user,
+                method=record.method,
+                route=route,
+                path=record.path[:_MAX_LOGGED_TEXT],
+                status=record.error_status,
+                error_code=record.error_code,
+                reason=(record.error_message or "")[:_MAX_LOGGED_TEXT],
+            )
+        if self.access_log and access_logger.isEnabledFor(logging.INFO):
+            line = {
+                "ts": round(time.time(), 3),
+                "request_id": record.request_id,
+                "tenant": tenant,
+                "user": user,
+                "method": record.method,
+                "route": route,
+                "path": record.path[:_MAX_LOGGED_TEXT],
+                "status": status,
+                "latency_ms": round(elapsed * 1000, 3),
+                "upstream_ms": round(record.upstream_seconds * 1000, 3),
+                "upstream_calls": record.upstream_calls,
+                "bytes_in": record.bytes_in,
+                "bytes_out": record.bytes_out,
+                "error_code": record.error_code,
+            }
+            # A record made here rather than by logger.info(): the caller's frame is never wanted.
+            access_logger.handle(
+                logging.LogRecord(access_logger.name, logging.INFO, "", 0, orjson.dumps(line).decode(), None, None)
+            )
+
+    def _route_of(self, scope: Scope) -> str:
+        """The route template of a request answered before the pipeline matched it (or ``unmatched``)."""
+        raw: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+        root = self.root_path.encode("ascii")
+        if root and raw.startswith(root + b"/"):
+            raw = raw[len(root) :]
+        try:
+            match = self.table.match(scope["method"], canonical_path(raw))
+        except GatewayError:
+            return UNMATCHED_ROUTE
+        return match.route.template if match is not None else UNMATCHED_ROUTE
+
+    def _on_shutdown(self, send: Send) -> Send:
+        async def send_and_release(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                self.metrics.process_exiting()
+            await send(message)
+
+        return send_and_release
+
+
 def configure_logging(level: str) -> None:
-    """Send the gateway's loggers (``gateway``, ``gateway.audit``, ...) to stderr, one line per record."""
+    """Send the gateway's loggers (``gateway``, ``gateway.access``, ``gateway.audit``, ...) to stderr.
+
+    One line per record. ``level`` applies to the gateway's diagnostic messages; the access log
+    (switched by ``GATEWAY_ACCESS_LOG``) and the audit log are written at every level.
+    """
     logger = logging.getLogger("gateway")
     if any(getattr(handler, "_gateway", False) for handler in logger.handlers):
         return
@@ -32,3 +285,5 @@ def configure_logging(level: str) -> None:
     logger.addHandler(handler)
     logger.setLevel(level.upper())
     logger.propagate = False
+    access_logger.setLevel(logging.INFO)
+    audit_logger.setLevel(logging.INFO)

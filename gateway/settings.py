@@ -12,6 +12,8 @@ the TOML file add more, each with its own keys, audience and claim mapping.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -19,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from gateway.auth.principal import is_valid_tenant_id
 
 ENV_PREFIX = "GATEWAY_"
 # RFC 7518 §3.2: an HMAC key at least as long as the hash output.
@@ -94,13 +98,42 @@ class Settings:
     upstream_connect_timeout: float = 5.0
     upstream_timeout: float = 120.0
     upstream_pool_size: int = 100
+    # Graceful shutdown (gateway/serving.py): on SIGTERM, /ready answers 503 and the port keeps accepting
+    # for ``drain_delay_seconds`` (load balancers stop sending), then in-flight requests get up to
+    # ``shutdown_grace_seconds`` to finish. ``workers``: processes of `serve` sharing the port.
+    drain_delay_seconds: float = 0.0
+    shutdown_grace_seconds: float = 30.0
+    workers: int = 1
     cache_size: int = 100_000
     log_level: str = "info"
+    # Observability (gateway/observability.py, gateway/metrics.py): one JSON line per request on the
+    # gateway.access logger; who may read GET /metrics: the bearer token, or requests without an
+    # Authorization header from these networks (loopback only by default).
+    access_log: bool = True
+    metrics_token: str | None = field(default=None, repr=False)
+    metrics_allow_networks: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
     # Web UI login (gateway/ui.py): the key session cookies are encrypted with (None: no UI login),
     # plain-HTTP development cookies (no ``Secure`` flag), and the path prefix the gateway is served under.
     session_secret: str | None = field(default=None, repr=False)
     ui_insecure_cookies: bool = False
     root_path: str = ""
+    # Browser login through an OpenID Connect provider (gateway/auth/oidc_login.py): the gateway's client
+    # at GATEWAY_OIDC_ISSUER (no secret: a public client, PKCE only), its callback URL, the scopes asked
+    # for and the name on the login button (default: the issuer's host). No client id: token login only.
+    oidc_client_id: str | None = None
+    oidc_client_secret: str | None = field(default=None, repr=False)
+    oidc_redirect_url: str | None = None
+    oidc_scopes: tuple[str, ...] = ("openid", "profile", "email")
+    oidc_provider_name: str | None = None
+    # Rate limits (gateway/limits.py): token buckets per tenant and per user within a tenant, ``rps``
+    # refill per second (0: off), ``burst`` capacity (0: max(1, ceil(2 * rps))); per-tenant overrides as
+    # (tenant, rps, burst). With a Redis URL the buckets are shared by every replica, else per replica.
+    rate_limit_tenant_rps: float = 0.0
+    rate_limit_tenant_burst: int = 0
+    rate_limit_user_rps: float = 0.0
+    rate_limit_user_burst: int = 0
+    rate_limit_tenant_overrides: tuple[tuple[str, float, int], ...] = ()
+    redis_url: str | None = field(default=None, repr=False)  # may carry a password
 
     @property
     def upstream_host(self) -> str:
@@ -194,6 +227,49 @@ def _as_root_path(value: Any) -> str:
     return text
 
 
+def _as_tenant_rates(value: Any) -> tuple[tuple[str, float, int], ...]:
+    """``tenant=rps[:burst]`` entries (comma-separated, a TOML list, or a TOML table); every bad entry is named."""
+    if isinstance(value, str):
+        entries = value.split(",")
+    elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+        entries = list(value)
+    elif isinstance(value, dict):
+        entries = [f"{tenant}={spec}" for tenant, spec in value.items()]
+    else:
+        raise ValueError("must be 'tenant=rps[:burst],...' (a string, a list of strings or a table)")
+    rates: list[tuple[str, float, int]] = []
+    bad: list[str] = []
+    for raw in (entry.strip() for entry in entries):
+        if not raw:
+            continue
+        tenant, _, spec = (part.strip() for part in raw.partition("="))
+        rps_text, _, burst_text = (part.strip() for part in spec.partition(":"))
+        try:
+            rps = float(rps_text)
+            burst = int(burst_text) if burst_text else 0
+        except ValueError:
+            bad.append(f"{raw!r} (expected tenant=rps or tenant=rps:burst, numbers)")
+            continue
+        if not is_valid_tenant_id(tenant):
+            bad.append(f"{raw!r} (not a valid tenant id)")
+        elif any(tenant == seen for seen, _, _ in rates):
+            bad.append(f"{raw!r} (tenant given twice)")
+        elif not math.isfinite(rps) or rps < 0 or burst < 0:
+            bad.append(f"{raw!r} (rps and burst must be finite and not negative)")
+        else:
+            rates.append((tenant, rps, burst))
+    if bad:
+        raise ValueError("bad entries: " + "; ".join(bad))
+    return tuple(rates)
+
+
+def _as_scopes(value: Any) -> tuple[str, ...]:
+    """OAuth scopes: separated by spaces or commas, or a list."""
+    if isinstance(value, str):
+        value = value.replace(",", " ").split()
+    return _as_str_tuple(value)
+
+
 def _optional_str(value: Any) -> str | None:
     text = _as_str(value).strip()
     return text or None
@@ -228,11 +304,28 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("upstream_connect_timeout", _as_float),
     _Spec("upstream_timeout", _as_float),
     _Spec("upstream_pool_size", _as_int),
+    _Spec("drain_delay_seconds", _as_float),
+    _Spec("shutdown_grace_seconds", _as_float),
+    _Spec("workers", _as_int),
     _Spec("cache_size", _as_int),
     _Spec("log_level", _as_str),
+    _Spec("access_log", _as_bool),
+    _Spec("metrics_token", _optional_str),
+    _Spec("metrics_allow_networks", _as_str_tuple),
     _Spec("session_secret", _optional_str),
     _Spec("ui_insecure_cookies", _as_bool),
     _Spec("root_path", _as_root_path),
+    _Spec("oidc_client_id", _optional_str),
+    _Spec("oidc_client_secret", _optional_str),
+    _Spec("oidc_redirect_url", _optional_str),
+    _Spec("oidc_scopes", _as_scopes),
+    _Spec("oidc_provider_name", _optional_str),
+    _Spec("rate_limit_tenant_rps", _as_float),
+    _Spec("rate_limit_tenant_burst", _as_int),
+    _Spec("rate_limit_user_rps", _as_float),
+    _Spec("rate_limit_user_burst", _as_int),
+    _Spec("rate_limit_tenant_overrides", _as_tenant_rates),
+    _Spec("redis_url", _optional_str),
 )
 SETTING_NAMES = tuple(spec.name for spec in _SPECS)
 _REQUIRED = frozenset({"upstream_url"})
@@ -403,6 +496,11 @@ def _validate(values: dict[str, Any]) -> list[str]:
     for name in ("jwt_leeway_seconds", "jwks_refetch_cooldown_seconds"):
         if merged[name] < 0:
             problems.append(f"{env_name(name)}: must not be negative")
+    for name in ("drain_delay_seconds", "shutdown_grace_seconds"):
+        if not 0 <= merged[name] <= 3600:
+            problems.append(f"{env_name(name)}: must be between 0 and 3600 seconds")
+    if not 1 <= merged["workers"] <= 256:
+        problems.append(f"{env_name('workers')}: must be between 1 and 256")
     destination = merged["artifacts_destination"]
     if destination is not None:
         parts = urlsplit(destination)
@@ -415,9 +513,75 @@ def _validate(values: dict[str, Any]) -> list[str]:
     secret = merged["session_secret"]
     if secret is not None and len(secret.encode()) < 32:
         problems.append(f"{env_name('session_secret')}: must be at least 32 bytes")
+    for name in ("rate_limit_tenant_rps", "rate_limit_user_rps", "rate_limit_tenant_burst", "rate_limit_user_burst"):
+        if not math.isfinite(merged[name]) or merged[name] < 0:
+            problems.append(f"{env_name(name)}: must be a finite number, not negative (0 turns the limit off)")
+    if merged["redis_url"] is not None and not _is_redis_url(merged["redis_url"]):
+        problems.append(f"{env_name('redis_url')}: must be a redis://host[:port][/db], rediss://... or unix://... URL")
     if merged["log_level"].lower() not in ("critical", "error", "warning", "info", "debug"):
         problems.append(f"{env_name('log_level')}: must be one of critical, error, warning, info, debug")
+    problems.extend(_validate_metrics_access(merged))
+    problems.extend(_validate_oidc_login(merged))
     return problems
+
+
+def _validate_oidc_login(merged: dict[str, Any]) -> list[str]:
+    """The browser's OIDC login needs the issuer, a callback URL under the root path and a session key."""
+    problems: list[str] = []
+    client_id = env_name("oidc_client_id")
+    if not merged["oidc_client_id"]:
+        extra = [name for name in ("oidc_client_secret", "oidc_redirect_url", "oidc_provider_name") if merged[name]]
+        problems.extend(f"{env_name(name)}: only used with {client_id}, which is not set" for name in extra)
+        return problems
+    if not merged["oidc_issuer"]:
+        problems.append(f"{client_id}: needs GATEWAY_OIDC_ISSUER (the provider users log in at)")
+    if not merged["session_secret"]:
+        problems.append(f"{client_id}: needs GATEWAY_SESSION_SECRET (the login is kept in an encrypted cookie)")
+    if "openid" not in merged["oidc_scopes"]:
+        problems.append(f"{env_name('oidc_scopes')}: must include 'openid'")
+    redirect = merged["oidc_redirect_url"]
+    callback = f"{merged['root_path']}/oidc/callback"
+    if not redirect:
+        problems.append(f"{client_id}: needs GATEWAY_OIDC_REDIRECT_URL (e.g. https://gateway.example.com{callback})")
+        return problems
+    parts = urlsplit(redirect)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        problems.append(f"{env_name('oidc_redirect_url')}: must be an absolute http(s) URL without query or fragment")
+    elif parts.path != callback:
+        problems.append(f"{env_name('oidc_redirect_url')}: its path must be {callback} (the gateway's callback)")
+    elif parts.scheme == "http" and not merged["ui_insecure_cookies"]:
+        problems.append(
+            f"{env_name('oidc_redirect_url')}: must be https (plain http only with GATEWAY_UI_INSECURE_COOKIES=true)"
+        )
+    return problems
+
+
+def _validate_metrics_access(merged: dict[str, Any]) -> list[str]:
+    """/metrics: a token long enough not to be guessed, and networks that parse as CIDRs."""
+    problems: list[str] = []
+    token = merged["metrics_token"]
+    if token is not None and len(token.encode()) < 16:
+        problems.append(f"{env_name('metrics_token')}: must be at least 16 bytes")
+    bad = []
+    for network in merged["metrics_allow_networks"]:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            bad.append(network)
+    if bad:
+        problems.append(f"{env_name('metrics_allow_networks')}: not CIDR networks: {', '.join(map(repr, bad))}")
+    return problems
+
+
+def _is_redis_url(url: str) -> bool:
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 -- raises ValueError for a malformed port
+    except ValueError:
+        return False
+    if parts.scheme == "unix":
+        return bool(parts.path)
+    return parts.scheme in ("redis", "rediss") and bool(parts.hostname)
 
 
 def _validate_issuer(issuer: IssuerSettings, *, primary: bool) -> list[str]:

@@ -16,6 +16,12 @@
   otherwise 403. A cross-site form can neither set a JSON content type nor a same-origin ``Origin``.
   Bearer requests are not affected: a browser never adds an ``Authorization`` header by itself.
 - ``GET /`` without a session redirects to the login page.
+- With an OpenID Connect client configured (``GATEWAY_OIDC_CLIENT_ID``), the login page also offers
+  "Sign in with <IdP>": ``GET /oidc/login`` redirects to the provider, ``GET /oidc/callback`` opens
+  the session (:mod:`gateway.auth.oidc_login`); a session whose access token is about to expire is
+  refreshed here, once, before the request goes on (the new cookie rides on the response); logout
+  also ends the provider's session when it has an end-session endpoint. A session too large for one
+  cookie is split into several (:func:`gateway.auth.session.split_value`).
 - Every response gets ``X-Frame-Options: DENY``, ``X-Content-Type-Options: nosniff`` and
   ``Referrer-Policy: same-origin``.
 """
@@ -23,6 +29,7 @@
 from __future__ import annotations
 
 import html
+import logging
 import re
 import time
 from collections.abc import Iterable
@@ -33,12 +40,30 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.auth.jwt import MAX_TOKEN_BYTES, Authenticator
+from gateway.auth.oidc_login import (
+    CALLBACK_PATH,
+    LOGIN_START_PATH,
+    STATE_COOKIE,
+    STATE_TTL_SECONDS,
+    OidcLogin,
+    OidcLoginError,
+)
 from gateway.auth.principal import Principal
-from gateway.auth.session import COOKIE_NAME, MAX_COOKIE_VALUE_BYTES, InvalidSession, SessionCodec
+from gateway.auth.session import (
+    COOKIE_NAME,
+    MAX_CHUNKS,
+    InvalidSession,
+    Session,
+    SessionCodec,
+    chunk_name,
+    split_value,
+)
 from gateway.errors import BadRequest, EndpointNotFound, GatewayError, PermissionDenied, Unauthenticated
 from gateway.middleware import send_error
 from gateway.policy.core import Access, Body, Exchange, Policy, Served
 from gateway.settings import Settings
+
+logger = logging.getLogger("gateway.ui")
 
 LOGIN_PATH, LOGOUT_PATH = "/login", "/logout"
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -48,7 +73,7 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"referrer-policy", b"same-origin"),
 )
 _SECURITY_HEADER_NAMES = frozenset(name for name, _ in SECURITY_HEADERS)
-_PAGE_CSP = b"default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
+_PAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'{}; frame-ancestors 'none'"
 # Artifact uploads carry the file's bytes, not JSON (the Origin check still applies).
 _UPLOAD_PATHS = re.compile(r"^/(?:api|ajax-api)/2\.0/(?:mlflow-artifacts/artifacts/.+|mlflow/upload-artifact)$")
 _MAX_FORM_BYTES = MAX_TOKEN_BYTES + 1024
@@ -84,6 +109,11 @@ class UiMiddleware:
         self.codec = SessionCodec(settings.session_secret) if settings.session_secret else None
         self.root = settings.root_path
         self.secure = not settings.ui_insecure_cookies
+        self.oidc = OidcLogin(settings, authenticator) if settings.oidc_client_id and settings.session_secret else None
+        # The logout form's redirect may continue to the provider's end-session endpoint: CSP's
+        # form-action governs redirects after a form submission too.
+        extra = f" {self.oidc.end_session_origin}" if self.oidc is not None else ""
+        self._csp = _PAGE_CSP.format(extra).encode("latin-1")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -116,7 +146,12 @@ class UiMiddleware:
                 raise EndpointNotFound(f"{method} {path} is not an endpoint")
             if not _same_origin(scope["headers"]):
                 raise PermissionDenied("Cross-site logout refused")
-            await self._redirect(send, LOGIN_PATH, cookie=self._clear_cookie())
+            await self._logout(scope, send)
+            return
+        if path in (LOGIN_START_PATH, CALLBACK_PATH) and self.oidc is not None:
+            if method != "GET":
+                raise EndpointNotFound(f"{method} {path} is not an endpoint")
+            await (self._oidc_start(scope, send) if path == LOGIN_START_PATH else self._oidc_callback(scope, send))
             return
         cookie = _session_cookie(scope["headers"]) if self.codec is not None else None
         has_authorization = any(key == b"authorization" for key, _ in scope["headers"])
@@ -133,19 +168,23 @@ class UiMiddleware:
         try:
             session = self.codec.decode(cookie)
         except InvalidSession as exc:
-            if is_index:
-                await self._redirect(send, LOGIN_PATH, cookie=self._clear_cookie())
-                return
-            raise Unauthenticated(
-                f"Browser {exc}: log in again", headers={"Set-Cookie": self._clear_cookie()}
-            ) from None
+            await self._session_ended(scope, send, is_index=is_index, reason=f"Browser {exc}")
+            return
         if method in STATE_CHANGING:
             _check_csrf(scope, path, method)
+        if self.oidc is not None and self.oidc.needs_refresh(session):
+            try:
+                session = await self.oidc.refresh(session)
+                refreshed = self._session_cookies(session, scope)
+            except OidcLoginError as error:
+                await self._session_ended(scope, send, is_index=is_index, reason=f"Session refresh failed: {error}")
+                return
+            send = _with_cookies(send, refreshed)
         if is_index:
             try:
                 await self.authenticator.authenticate(session.token)
             except GatewayError:
-                await self._redirect(send, LOGIN_PATH, cookie=self._clear_cookie())
+                await self._redirect(send, LOGIN_PATH, cookies=self._clear_cookies(scope))
                 return
         headers = [(key, value) for key, value in scope["headers"] if key != b"cookie"]
         headers.append((b"authorization", f"Bearer {session.token}".encode("latin-1")))
@@ -166,6 +205,75 @@ class UiMiddleware:
         if not (path.startswith(self.root + "/") and raw.startswith(root + b"/")):
             raise EndpointNotFound(f"This gateway serves only under {self.root}/")
         return {**scope, "path": path[len(self.root) :], "raw_path": raw[len(root) :], "root_path": self.root}
+
+    async def _session_ended(self, scope: Scope, send: Send, *, is_index: bool, reason: str) -> None:
+        """A dead session: the index goes to the login page, an API call gets 401; the cookies are cleared."""
+        if is_index:
+            await self._redirect(send, LOGIN_PATH, cookies=self._clear_cookies(scope))
+            return
+        error = Unauthenticated(f"{reason}: log in again")
+        await send_error(
+            _with_cookies(send, self._clear_cookies(scope)), error, request_id=scope["state"].get("request_id")
+        )
+
+    # -- OpenID Connect -----------------------------------------------------------------------------
+
+    async def _oidc_start(self, scope: Scope, send: Send) -> None:
+        """Redirect to the provider; the state, nonce and PKCE verifier ride in a short-lived cookie."""
+        assert self.oidc is not None
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        targets = query.get("next", [])
+        try:
+            if len(targets) > 1:
+                raise OidcLoginError(400, "One page to return to, please")
+            url, state = await self.oidc.start(targets[0] if targets else None)
+        except OidcLoginError as error:
+            await self._page(send, error.status, self._login_html(error=error.message))
+            return
+        cookie = self._cookie(STATE_COOKIE, state, STATE_TTL_SECONDS, path=f"{self.root}/oidc")
+        await self._redirect(send, url, cookies=[cookie], absolute=True)
+
+    async def _oidc_callback(self, scope: Scope, send: Send) -> None:
+        """Finish the login; any failure is an HTML page (400/401/503) and clears the state cookie."""
+        assert self.oidc is not None
+        clear_state = self._cookie(STATE_COOKIE, "", 0, path=f"{self.root}/oidc")
+        try:
+            query = parse_qs(scope.get("query_string", b"").decode("utf-8"), keep_blank_values=True)
+            session, return_to = await self.oidc.finish(query, _cookie_value(scope["headers"], STATE_COOKIE))
+            cookies = self._session_cookies(session, scope)
+        except UnicodeDecodeError:
+            await self._page(send, 400, self._login_html(error="Malformed callback"), cookies=[clear_state])
+            return
+        except OidcLoginError as error:
+            await self._page(send, error.status, self._login_html(error=error.message), cookies=[clear_state])
+            return
+        except GatewayError:
+            raise
+        except Exception:
+            # A defect or an answer nobody foresaw: say so plainly (logged with the request id), never a 500.
+            logger.exception("OIDC callback failed (request id %s)", scope["state"].get("request_id"))
+            page = self._login_html(error="The login could not be completed: try again")
+            await self._page(send, 502, page, cookies=[clear_state])
+            return
+        await self._redirect(send, return_to, cookies=[clear_state, *cookies])
+
+    async def _logout(self, scope: Scope, send: Send) -> None:
+        """Clear the session; with an OIDC provider that can, end the provider's session too."""
+        target: str | None = None
+        if self.oidc is not None:
+            session: Session | None = None
+            cookie = _session_cookie(scope["headers"]) if self.codec is not None else None
+            if cookie is not None and self.codec is not None:
+                try:
+                    session = self.codec.decode(cookie)
+                except InvalidSession:
+                    session = None
+            if session is not None and (session.refresh_token or session.id_token):  # an OIDC login's session
+                target = await self.oidc.end_session_url(session)
+        if target is not None:
+            await self._redirect(send, target, cookies=self._clear_cookies(scope), absolute=True)
+        else:
+            await self._redirect(send, LOGIN_PATH, cookies=self._clear_cookies(scope))
 
     # -- pages ------------------------------------------------------------------------------------
 
@@ -198,12 +306,12 @@ class UiMiddleware:
         if session is None:
             await self._page(send, 401, self._login_html(error="Token has expired"))
             return
-        value = self.codec.encode(session)
-        if len(value) > MAX_COOKIE_VALUE_BYTES:
-            await self._page(send, 400, self._login_html(error="This token is too large for a browser cookie"))
+        try:
+            cookies = self._session_cookies(session, scope)
+        except OidcLoginError as error:
+            await self._page(send, error.status, self._login_html(error=error.message))
             return
-        max_age = max(0, session.expires_at - int(time.time()))
-        await self._redirect(send, "/", cookie=self._cookie(value, max_age))
+        await self._redirect(send, "/", cookies=cookies)
 
     def _login_html(self, *, principal: Principal | None = None, error: str | None = None) -> bytes:
         login, logout, home = (html.escape(self.root + p) for p in (LOGIN_PATH, LOGOUT_PATH, "/"))
@@ -220,6 +328,10 @@ class UiMiddleware:
                 f'<form method="post" action="{logout}"><button id="logout" type="submit">Log out</button></form>'
             )
         else:
+            if self.oidc is not None:
+                start = html.escape(self.root + LOGIN_START_PATH)
+                name = html.escape(self.oidc.provider_name)
+                parts.append(f'<p><a id="oidc-login" class="button" href="{start}">Sign in with {name}</a></p>')
             parts.append(
                 f'<form method="post" action="{login}"><label for="token">Paste your access token</label>'
                 '<textarea id="token" name="token" rows="6" required autocomplete="off" spellcheck="false"></textarea>'
@@ -231,31 +343,50 @@ class UiMiddleware:
             f"<style>{_STYLE}</style></head><body><main>{body}</main></body></html>"
         ).encode()
 
-    async def _page(self, send: Send, status: int, body: bytes) -> None:
+    async def _page(self, send: Send, status: int, body: bytes, *, cookies: Iterable[str] = ()) -> None:
         headers = [
             (b"content-type", b"text/html; charset=utf-8"),
             (b"cache-control", b"no-store"),
-            (b"content-security-policy", _PAGE_CSP),
+            (b"content-security-policy", self._csp),
         ]
+        headers.extend((b"set-cookie", cookie.encode("latin-1")) for cookie in cookies)
         await _send(send, status, body, headers)
 
-    async def _redirect(self, send: Send, path: str, *, cookie: str | None = None) -> None:
-        headers = [(b"location", (self.root + path).encode("latin-1")), (b"cache-control", b"no-store")]
-        if cookie is not None:
-            headers.append((b"set-cookie", cookie.encode("latin-1")))
+    async def _redirect(self, send: Send, path: str, *, cookies: Iterable[str] = (), absolute: bool = False) -> None:
+        """303 to ``path`` under the root path (or, ``absolute``, to exactly that URL: the IdP's)."""
+        location = path if absolute else self.root + path
+        headers = [(b"location", location.encode("latin-1")), (b"cache-control", b"no-store")]
+        headers.extend((b"set-cookie", cookie.encode("latin-1")) for cookie in cookies)
         await _send(send, 303, b"", headers)
 
     # -- cookies ----------------------------------------------------------------------------------
 
-    def _cookie(self, value: str, max_age: int) -> str:
-        attributes = [f"{COOKIE_NAME}={value}", f"Path={self.root or '/'}", f"Max-Age={max_age}"]
+    def _cookie(self, name: str, value: str, max_age: int, *, path: str | None = None) -> str:
+        attributes = [f"{name}={value}", f"Path={path or self.root or '/'}", f"Max-Age={max_age}"]
         attributes += ["HttpOnly", "SameSite=Lax"]
         if self.secure:
             attributes.append("Secure")
         return "; ".join(attributes)
 
-    def _clear_cookie(self) -> str:
-        return self._cookie("", 0)
+    def _session_cookies(self, session: Session, scope: Scope) -> list[str]:
+        """The session's cookies: its value in as many chunks as it needs; stale chunks the browser sent cleared."""
+        assert self.codec is not None
+        chunks = split_value(self.codec.encode(session))
+        if len(chunks) > MAX_CHUNKS and session.id_token is not None:
+            # Too large even in chunks: drop the logout hint (logout then names the client only).
+            chunks = split_value(self.codec.encode(Session(session.token, session.expires_at, session.refresh_token)))
+        if len(chunks) > MAX_CHUNKS:
+            raise OidcLoginError(400, "This login's tokens are too large for browser cookies")
+        max_age = max(0, session.expires_at - int(time.time()))
+        cookies = [self._cookie(chunk_name(index), chunk, max_age) for index, chunk in enumerate(chunks)]
+        sent = _cookie_names(scope["headers"])
+        cookies += [self._cookie(chunk_name(i), "", 0) for i in range(len(chunks), MAX_CHUNKS) if chunk_name(i) in sent]
+        return cookies
+
+    def _clear_cookies(self, scope: Scope) -> list[str]:
+        """Clear the session: its first cookie, and every other chunk the browser sent."""
+        sent = _cookie_names(scope["headers"])
+        return [self._cookie(chunk_name(i), "", 0) for i in range(MAX_CHUNKS) if i == 0 or chunk_name(i) in sent]
 
 
 _NOT_CONFIGURED = "Browser login is not configured on this gateway (GATEWAY_SESSION_SECRET)"
@@ -276,17 +407,36 @@ def _values(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[str]:
     return [value.decode("latin-1").strip() for key, value in headers if key == name]
 
 
-def _session_cookie(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
-    """The session cookie's value; two of them are ambiguous (400)."""
+def _cookie_value(headers: Iterable[tuple[bytes, bytes]], cookie: str) -> str | None:
+    """The value of cookie ``cookie``; two of them are ambiguous (400)."""
     found: list[str] = []
     for header in _values(headers, b"cookie"):
         for pair in header.split(";"):
             name, separator, value = pair.strip().partition("=")
-            if separator and name == COOKIE_NAME and value:
+            if separator and name == cookie and value:
                 found.append(value)
     if len(found) > 1:
-        raise BadRequest("More than one session cookie")
+        raise BadRequest(f"More than one {cookie} cookie")
     return found[0] if found else None
+
+
+def _cookie_names(headers: Iterable[tuple[bytes, bytes]]) -> set[str]:
+    """The names of the cookies a request carries."""
+    return {pair.strip().partition("=")[0] for header in _values(headers, b"cookie") for pair in header.split(";")}
+
+
+def _session_cookie(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The session cookie's value, its chunks joined in order; two of one chunk are ambiguous (400)."""
+    first = _cookie_value(headers, COOKIE_NAME)
+    if first is None:
+        return None
+    chunks = [first]
+    for index in range(1, MAX_CHUNKS):
+        chunk = _cookie_value(headers, chunk_name(index))
+        if chunk is None:
+            break
+        chunks.append(chunk)
+    return "".join(chunks)
 
 
 def _same_origin(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -363,6 +513,19 @@ async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes,
     headers = [*headers, (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def _with_cookies(send: Send, cookies: list[str]) -> Send:
+    """``send`` that adds ``Set-Cookie`` headers to the response (a refreshed session rides on any answer)."""
+
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers: list[Any] = list(message.get("headers", []))
+            headers.extend((b"set-cookie", cookie.encode("latin-1")) for cookie in cookies)
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return wrapped
 
 
 def _with_security_headers(send: Send) -> Send:

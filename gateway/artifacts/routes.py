@@ -20,6 +20,7 @@ from gateway.artifacts.paths import ArtifactPath, check_relative, parse_artifact
 from gateway.artifacts.s3 import ArtifactStore, guess_content_type
 from gateway.errors import BadRequest, EndpointNotFound, NotFound, PayloadTooLarge, PermissionDenied
 from gateway.http.canonical import JsonObject, single_value
+from gateway.observability import note_artifact_bytes
 from gateway.policy.core import Access, Body, Exchange, Policy, Served
 
 PROXY, PRESIGNED = "proxy", "presigned"
@@ -99,6 +100,7 @@ async def stream_download(store: ArtifactStore, path: str, receive: Receive, sen
             if disconnected.is_set():
                 break
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            note_artifact_bytes(sent=len(chunk))
         if not disconnected.is_set():
             await send({"type": "http.response.body", "body": b""})
     finally:
@@ -118,6 +120,7 @@ async def request_chunks(receive: Receive, *, limit: int) -> AsyncIterator[bytes
         if size > limit:
             raise PayloadTooLarge(f"Artifact exceeds the gateway's limit of {limit} bytes")
         if chunk:
+            note_artifact_bytes(received=len(chunk))
             yield chunk
         if not message.get("more_body", False):
             return
@@ -315,7 +318,8 @@ async def ui_upload_artifact(ex: Exchange, receive: Receive, send: Send) -> None
         raise BadRequest("Missing value for required parameter 'path'.")
     artifact = await _run_artifact(ex, relative)
     content_type = _header(ex, "content-type") or guess_content_type(artifact.path)
-    await _store(ex).upload(artifact.path, request_chunks(receive, limit=UI_UPLOAD_LIMIT), content_type=content_type)
+    limit = min(UI_UPLOAD_LIMIT, ex.services.settings.max_body_bytes)  # never above GATEWAY_MAX_BODY_BYTES
+    await _store(ex).upload(artifact.path, request_chunks(receive, limit=limit), content_type=content_type)
     await send_json(send, {})
 
 

@@ -89,11 +89,20 @@ class ArtifactStore:
         region: str | None = None,
         presign_ttl_seconds: int = 300,
         part_size: int = PART_SIZE,
+        connect_timeout: float = 60.0,
+        read_timeout: float = 60.0,
     ) -> None:
         self.bucket, self.prefix = parse_destination(destination)
         self.presign_ttl_seconds = presign_ttl_seconds
         self.part_size = part_size
-        config = Config(signature_version="s3v4", retries={"max_attempts": 3, "mode": "standard"})
+        # The gateway's upstream timeouts apply to S3 too (per attempt; a streamed download that stalls
+        # for read_timeout seconds is cut off), so no artifact transfer hangs indefinitely.
+        config = Config(
+            signature_version="s3v4",
+            retries={"max_attempts": 3, "mode": "standard"},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+        )
         options: dict[str, Any] = {"config": config}
         if region:
             options["region_name"] = region
@@ -327,7 +336,12 @@ class ArtifactStore:
 
 
 def store_from_environment(
-    destination: str, *, public_endpoint_url: str | None, presign_ttl_seconds: int
+    destination: str,
+    *,
+    public_endpoint_url: str | None,
+    presign_ttl_seconds: int,
+    connect_timeout: float = 60.0,
+    read_timeout: float = 60.0,
 ) -> ArtifactStore:
     """Build the store with the standard AWS variables (``AWS_ENDPOINT_URL_S3`` or ``MLFLOW_S3_ENDPOINT_URL``)."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
@@ -337,4 +351,6 @@ def store_from_environment(
         public_endpoint_url=public_endpoint_url,
         region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None,
         presign_ttl_seconds=presign_ttl_seconds,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
     )

@@ -7,12 +7,19 @@ aiohttp, so the choice can be revisited in one place.
 
 Lower-level errors are translated here, once: connection failures become
 :class:`UpstreamUnavailable` (503 + Retry-After), timeouts :class:`UpstreamTimeout` (504).
+
+Retries: a GET or HEAD without a body is sent a second time, once, when the connection failed before
+a response arrived (refused, reset, or a pooled keep-alive connection the upstream had already
+closed). Nothing else is ever retried: not a timeout (the upstream may still be working on it), and
+never POST, PUT, PATCH or DELETE, which may already have taken effect upstream (RFC 9110 §9.2.2 lets
+PUT and DELETE be retried; MLflow's handlers are not written to be, so the gateway does not).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -22,8 +29,10 @@ import orjson
 from yarl import URL
 
 from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from gateway.observability import note_upstream, note_upstream_error
 
 CHUNK_SIZE = 64 * 1024
+RETRIED_METHODS = frozenset({"GET", "HEAD"})
 
 # Headers that tie the gateway's own upstream calls (ownership look-ups) to the client request
 # being served: its request id and forwarded-for. Set once per request by the pipeline.
@@ -42,11 +51,13 @@ class UpstreamResponse:
 
     async def read(self) -> bytes:
         """Read the whole body and release the connection."""
+        started = time.perf_counter()
         try:
             return await self._response.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise _translate(exc) from exc
         finally:
+            note_upstream(time.perf_counter() - started, call=False)
             self._response.release()
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
@@ -91,6 +102,10 @@ class UpstreamClient:
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
             json_serialize=lambda value: orjson.dumps(value).decode(),
         )
+        # aiohttp silently re-sends GET/HEAD/PUT/DELETE once when a pooled connection fails; there is
+        # no public switch (aio-libs/aiohttp#10790), this private flag is the one its own test client
+        # uses. The gateway decides itself what may be retried (see send()).
+        self._session._retry_connection = False
 
     async def close(self) -> None:
         """Close the pool; idempotent."""
@@ -112,17 +127,22 @@ class UpstreamClient:
         """
         if self._session is None:
             raise UpstreamUnavailable("Upstream client is not started")
-        try:
-            response = await self._session.request(
-                method,
-                URL(self.base_url + path_and_query, encoded=True),
-                headers=dict(headers),
-                data=body,
-                allow_redirects=False,
-                compress=None,
-            )
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise _translate(exc) from exc
+        url = URL(self.base_url + path_and_query, encoded=True)
+        retry = method in RETRIED_METHODS and body is None
+        started = time.perf_counter()
+        while True:
+            try:
+                response = await self._session.request(
+                    method, url, headers=dict(headers), data=body, allow_redirects=False, compress=None
+                )
+                break
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                if retry and _failed_before_response(exc):
+                    retry = False
+                    continue
+                note_upstream(time.perf_counter() - started)
+                raise _translate(exc) from exc
+        note_upstream(time.perf_counter() - started)
         headers_out = [(key, value) for key, value in response.headers.items()]
         return UpstreamResponse(status=response.status, headers=headers_out, _response=response)
 
@@ -142,9 +162,26 @@ class UpstreamClient:
             raise UpstreamError(f"Upstream answered {response.status} with a non-JSON body") from None
 
 
+def _failed_before_response(exc: BaseException) -> bool:
+    """Whether the connection failed before any part of a response was read: safe to re-send a GET.
+
+    Timeouts are excluded (aiohttp's ServerTimeoutError is also a connection error): the upstream may
+    still be working on the request, and a retry would double the time the client waits.
+    """
+    if isinstance(exc, TimeoutError):
+        return False
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return isinstance(exc.message, str)  # otherwise a partly read response (RawResponseMessage)
+    return isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ClientOSError | ConnectionError)
+
+
 def _translate(exc: BaseException) -> UpstreamError:
+    """The gateway's error for a failed upstream call; counted here, as every failure passes once."""
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        note_upstream_error("timeout")
         return UpstreamTimeout("Upstream MLflow did not answer in time")
     if isinstance(exc, aiohttp.ClientConnectionError | OSError):
+        note_upstream_error("unavailable")
         return UpstreamUnavailable("Upstream MLflow is unavailable")
+    note_upstream_error("invalid")
     return UpstreamError("Upstream MLflow answered with an invalid response")

@@ -177,7 +177,7 @@ async def check_otlp_export(ex: Exchange) -> None:
         ex.raw_body,
         content_type=_single_header(ex, "content-type"),
         content_encoding=_single_header(ex, "content-encoding"),
-        limit=MAX_DECOMPRESSED_BYTES,
+        limit=min(MAX_DECOMPRESSED_BYTES, ex.services.settings.max_json_body_bytes),
     )
     for key in resource_attribute_keys(request):
         check_trace_tag_key(key)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Generic, TypeVar
 from urllib.parse import quote
 
@@ -41,17 +41,24 @@ V = TypeVar("V")
 
 
 class LruCache(Generic[K, V]):
-    """A small bounded LRU map (no expiry: it only ever holds immutable facts)."""
+    """A small bounded LRU map (no expiry: it only ever holds immutable facts).
 
-    def __init__(self, max_size: int) -> None:
+    ``on_lookup(name, hit)``, when given, is told about every look-up (the gateway's metrics).
+    """
+
+    def __init__(self, max_size: int, *, name: str = "", on_lookup: Callable[[str, bool], None] | None = None) -> None:
         self._max = max_size
         self._data: OrderedDict[K, V] = OrderedDict()
+        self.name = name
+        self._on_lookup = on_lookup
         self.hits = 0
         self.misses = 0
 
     def get(self, key: K) -> V | None:
         """The cached value, refreshed as most recently used, or ``None``."""
         value = self._data.get(key)
+        if self._on_lookup is not None:
+            self._on_lookup(self.name, value is not None)
         if value is None:
             self.misses += 1
             return None
@@ -107,17 +114,30 @@ def tenant_of_experiment_name(name: str) -> str | None:
 
 
 class Ownership:
-    """Resolves and caches which tenant owns experiments, runs and logged models."""
+    """Resolves and caches which tenant owns experiments, runs and logged models.
 
-    def __init__(self, upstream: UpstreamClient, *, max_size: int = 100_000) -> None:
+    ``on_cache_lookup(cache, hit)`` is told about every cache look-up (the gateway's metrics).
+    """
+
+    def __init__(
+        self,
+        upstream: UpstreamClient,
+        *,
+        max_size: int = 100_000,
+        on_cache_lookup: Callable[[str, bool], None] | None = None,
+    ) -> None:
         self._upstream = upstream
-        self.experiment_tenant: LruCache[str, str] = LruCache(max_size)
-        self.run_experiment: LruCache[str, str] = LruCache(max_size)
-        self.model_experiment: LruCache[str, str] = LruCache(max_size)
-        self.trace_experiment: LruCache[str, str] = LruCache(max_size)
+
+        def cache(name: str) -> LruCache[str, str]:
+            return LruCache(max_size, name=name, on_lookup=on_cache_lookup)
+
+        self.experiment_tenant = cache("experiment_tenant")
+        self.run_experiment = cache("run_experiment")
+        self.model_experiment = cache("model_experiment")
+        self.trace_experiment = cache("trace_experiment")
         # dataset -> tenant, not dataset -> experiments: links change, the tenant does not (see
         # :meth:`dataset_tenant_of`).
-        self.dataset_tenant: LruCache[str, str] = LruCache(max_size)
+        self.dataset_tenant = cache("dataset_tenant")
         self._default_experiment: dict[str, str] = {}
         self._default_locks: dict[str, asyncio.Lock] = {}
         self.upstream_lookups = 0

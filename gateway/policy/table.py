@@ -28,7 +28,6 @@ JOBS = Deny("server-side jobs take arbitrary parameters that bypass per-object c
 TELEMETRY = Deny("UI telemetry is not forwarded")
 LEGACY_PROXY = Deny("the legacy deployments proxy reaches a server-wide target")
 NOT_IMPLEMENTED = Deny("MLflow does not implement this endpoint")
-METRICS = Deny("the upstream's Prometheus metrics are server-wide")
 
 PUBLIC_STATIC = Policy(
     body=Body.NONE, access=Access.READ, authenticated=False, description="PUB: the open-source UI bundle"
@@ -36,6 +35,9 @@ PUBLIC_STATIC = Policy(
 PUBLIC_INFO = Policy(body=Body.NONE, access=Access.READ, description="PUB: capability probe")
 HEALTH = Local("health")
 READY = Local("ready")
+# The gateway's own Prometheus metrics, answered by gateway.observability.ObservabilityMiddleware
+# before authentication (its own token or network); the upstream's metrics are never forwarded.
+METRICS = Local("metrics")
 # Answered by gateway.ui.UiMiddleware before the route table; listed so the table names every path.
 UI_PAGE = Local("ui-page")
 

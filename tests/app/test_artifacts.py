@@ -1209,7 +1209,9 @@ def test_client_disconnect_before_the_first_part_stores_nothing(
 def test_oversized_upload_is_refused_and_aborted(s3_gateway: Callable[..., S3Gateway], world: World) -> None:
     gateway = s3_gateway(max_body_bytes=PART + PART // 2)
     path = f"{world.run_root}/too-big.bin"
-    response = gateway.handle.client.put(f"{ARTIFACTS}/{path}", content=b"\0" * (2 * PART), headers=ACME)
+    # Chunked (no Content-Length, which would be refused before any S3 call): the limit is met mid-stream.
+    chunks = iter([b"\0" * PART, b"\0" * PART])
+    response = gateway.handle.client.put(f"{ARTIFACTS}/{path}", content=chunks, headers=ACME)
     assert_mlflow_error(response, 413, "REQUEST_LIMIT_EXCEEDED")
     ops = gateway.store.operations
     assert ops[:2] == ["create_multipart_upload", "upload_part"]

@@ -30,7 +30,6 @@ DENIED = [
     ("POST", "/gateway/openai/v1/chat/completions", "the AI Gateway holds server-wide provider secrets"),
     ("POST", "/api/3.0/mlflow/gateway/secrets/create", "the AI Gateway holds server-wide provider secrets"),
     ("POST", "/ajax-api/3.0/mlflow/demo/generate", "the demo experiment is shared"),
-    ("GET", "/metrics", "Prometheus metrics are server-wide"),
     ("GET", f"{API}/webhooks", "webhooks are server-global"),
     ("POST", f"{AJAX}/runs/create-promptlab-run", "prompt-lab runs cannot carry the gateway's provenance tags"),
     ("GET", "/graphql", "GraphQL over GET is not supported"),

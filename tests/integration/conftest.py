@@ -70,13 +70,13 @@ def jwt_secret() -> str:
 
 
 @contextlib.contextmanager
-def serve_gateway(stack: DevStack, name: str, settings: dict[str, str]) -> Iterator[str]:
+def serve_gateway(stack: DevStack, name: str, settings: dict[str, str], *, port: int | None = None) -> Iterator[str]:
     """Run ``mlflow-gateway serve`` as a subprocess with ``settings`` as its only GATEWAY_/MLFLOW_ variables.
 
     Yields its base URL once ``/ready`` answers; its log is ``<stack.data_dir>/logs/<name>.log``; it is
-    always stopped.
+    always stopped. ``port``: one chosen beforehand (settings that name the gateway's own URL need it).
     """
-    port = free_port()
+    port = port or free_port()
     script = Path(sys.executable).parent / "mlflow-gateway"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "gateway.cli"]
     env = {key: value for key, value in os.environ.items() if not key.startswith(("GATEWAY_", "MLFLOW_"))}

@@ -322,6 +322,28 @@ def test_mlflow_client_maps_tenant_and_audience() -> None:
     assert client["directAccessGrantsEnabled"] is True
 
 
+def test_gateway_browser_login_client_matches_the_compose_settings() -> None:
+    """The web UI's "Sign in with Keycloak": the realm's client and the gateway's settings agree."""
+    env = _environment(_services()["gateway"])
+    settings = load_settings(env=env)
+    assert settings.oidc_client_id and settings.oidc_redirect_url and settings.session_secret
+    client = next(client for client in _realm()["clients"] if client["clientId"] == settings.oidc_client_id)
+    assert client["enabled"] and client["standardFlowEnabled"] and not client["implicitFlowEnabled"]
+    assert client["publicClient"] is False and client["secret"] == settings.oidc_client_secret
+    assert client["attributes"]["pkce.code.challenge.method"] == "S256"
+    assert client["redirectUris"] == [settings.oidc_redirect_url]  # exact, no wildcard
+    redirect = urlsplit(settings.oidc_redirect_url)
+    assert client["attributes"]["post.logout.redirect.uris"] == f"{redirect.scheme}://{redirect.netloc}/login"
+    # The gateway published on the compose port the redirect URL names.
+    assert f"{redirect.port}:8080" in _services()["gateway"]["ports"]
+    # Its access tokens pass the gateway like API tokens: tenant claim, audience, realm roles.
+    mappers = {mapper["protocolMapper"]: mapper["config"] for mapper in client["protocolMappers"]}
+    assert mappers["oidc-usermodel-attribute-mapper"]["claim.name"] == settings.tenant_claim
+    assert mappers["oidc-audience-mapper"]["included.client.audience"] == settings.jwt_audience
+    assert mappers["oidc-audience-mapper"]["access.token.claim"] == "true"
+    assert "roles" in client["defaultClientScopes"]
+
+
 def test_users_cannot_edit_their_tenant() -> None:
     """A user who could edit ``tenant_id`` in the account console could move into another tenant."""
     providers = _realm()["components"]["org.keycloak.userprofile.UserProfileProvider"]

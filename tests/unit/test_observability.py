@@ -1,0 +1,212 @@
+"""The pieces of observability alone: who may read /metrics, settings, logging set-up, multiprocess mode."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.errors import NotFound
+from gateway.metrics import GatewayMetrics, MetricsEndpoint
+from gateway.observability import (
+    current_request,
+    note_artifact_bytes,
+    note_error,
+    note_upstream,
+    note_upstream_error,
+    set_route,
+)
+from gateway.settings import SettingsError, load_settings
+from tests.factories import SECRET
+from tests.prometheus import Scrape
+
+TOKEN = "a-metrics-token-of-some-length"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _scope(client: str | None, *authorization: bytes) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "headers": [(b"authorization", value) for value in authorization],
+        "client": (client, 40000) if client else None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("client", "authorization", "allowed"),
+    [
+        ("127.0.0.1", (), True),
+        ("::1", (), True),
+        ("::ffff:127.0.0.1", (), True),  # an IPv4 peer on a dual-stack socket
+        ("10.1.2.3", (), True),
+        ("10.1.2.3", (b"Bearer " + TOKEN.encode(),), True),
+        ("192.168.1.1", (), False),
+        ("192.168.1.1", (b"Bearer " + TOKEN.encode(),), True),
+        ("192.168.1.1", (b"bearer  " + TOKEN.encode() + b" ",), True),
+        ("127.0.0.1", (b"Bearer wrong",), False),  # a wrong credential loses even from an allowed network
+        ("127.0.0.1", (b"Bearer " + TOKEN.encode()[:-1],), False),
+        ("127.0.0.1", (b"Basic " + TOKEN.encode(),), False),
+        ("127.0.0.1", (b"Bearer",), False),
+        ("192.168.1.1", (b"Bearer " + TOKEN.encode(), b"Bearer " + TOKEN.encode()), False),
+        (None, (), False),
+        ("not-an-address", (), False),
+    ],
+)
+def test_who_may_read_metrics(client: str | None, authorization: tuple[bytes, ...], allowed: bool) -> None:
+    endpoint = MetricsEndpoint(GatewayMetrics(), token=TOKEN, allow_networks=("127.0.0.1/32", "::1/128", "10.0.0.0/8"))
+    assert endpoint.allows(_scope(client, *authorization)) is allowed
+
+
+def test_without_a_token_no_credential_opens_metrics() -> None:
+    endpoint = MetricsEndpoint(GatewayMetrics(), token=None, allow_networks=())
+    assert not endpoint.allows(_scope("127.0.0.1"))
+    assert not endpoint.allows(_scope("127.0.0.1", b"Bearer "))
+
+
+def test_each_app_has_its_own_registry() -> None:
+    first, second = GatewayMetrics(), GatewayMetrics()
+    first.requests.labels("acme", "/health", "GET", "200").inc()
+    first.cache_lookup("run_experiment", True)
+    first.cache_lookup("run_experiment", True)
+    one, two = Scrape.parse(first.render()[0].decode()), Scrape.parse(second.render()[0].decode())
+    assert one.value("gateway_requests_total", tenant="acme") == 1
+    assert two.value("gateway_requests_total") == 0
+    assert one.value("gateway_cache_requests_total", cache="run_experiment", result="hit") == 2
+
+
+def test_hooks_do_nothing_outside_a_request() -> None:
+    assert current_request() is None
+    set_route("/x")
+    note_error(NotFound("gone"))
+    note_upstream(0.1)
+    note_upstream_error("timeout")
+    note_artifact_bytes(received=1, sent=2)
+    assert current_request() is None
+
+
+def _env(**values: str) -> dict[str, str]:
+    return {"GATEWAY_UPSTREAM_URL": "http://mlflow:5000", "GATEWAY_JWT_SECRET": SECRET, **values}
+
+
+def test_settings_defaults_and_parsing() -> None:
+    settings = load_settings(env=_env())
+    assert settings.access_log is True
+    assert settings.metrics_token is None
+    assert settings.metrics_allow_networks == ("127.0.0.1/32", "::1/128")
+    assert "metrics_token" not in repr(load_settings(env=_env(GATEWAY_METRICS_TOKEN=TOKEN)))
+    settings = load_settings(
+        env=_env(
+            GATEWAY_ACCESS_LOG="false",
+            GATEWAY_METRICS_ALLOW_NETWORKS="10.0.0.0/8, fd00::/8",
+            GATEWAY_METRICS_TOKEN=TOKEN,
+        )
+    )
+    assert (settings.access_log, settings.metrics_token) == (False, TOKEN)
+    assert settings.metrics_allow_networks == ("10.0.0.0/8", "fd00::/8")
+    assert load_settings(env=_env(GATEWAY_METRICS_ALLOW_NETWORKS="")).metrics_allow_networks == ()
+
+
+def test_bad_settings_are_all_reported() -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(
+            env=_env(
+                GATEWAY_ACCESS_LOG="sometimes",
+                GATEWAY_METRICS_TOKEN="short",
+                GATEWAY_METRICS_ALLOW_NETWORKS="10.0.0.0/33,localhost",
+            )
+        )
+    problems = "\n".join(caught.value.problems)
+    assert "GATEWAY_ACCESS_LOG" in problems
+    assert "GATEWAY_METRICS_TOKEN: must be at least 16 bytes" in problems
+    assert "'10.0.0.0/33'" in problems and "'localhost'" in problems
+
+
+def _python(script: Path, code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` as a script file (multiprocessing's spawn re-imports it) in a fresh interpreter."""
+    script.write_text(textwrap.dedent(code), encoding="utf-8")
+    environment = {key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_DIR"}
+    environment.update({"PYTHONPATH": str(ROOT), **(env or {})})
+    return subprocess.run(
+        [sys.executable, str(script)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_access_and_audit_lines_reach_stderr_at_every_log_level(tmp_path: Path) -> None:
+    result = _python(
+        tmp_path / "logging_check.py",
+        """
+        import logging
+        from gateway.observability import access_logger, audit, configure_logging
+        configure_logging("warning")
+        access_logger.info('{"access": 1}')
+        audit("denied", reason="why")
+        logging.getLogger("gateway").info("diagnostic detail")
+        logging.getLogger("gateway").warning("a warning")
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0] == '{"access": 1}'
+    assert '"event":"denied"' in lines[1] and '"reason":"why"' in lines[1]
+    assert lines[2:] == ["a warning"]
+
+
+def test_multiprocess_mode_sums_every_worker(tmp_path: Path) -> None:
+    """With PROMETHEUS_MULTIPROC_DIR, /metrics of any worker shows the sum over every worker."""
+    directory = tmp_path / "prometheus"
+    directory.mkdir()
+    (directory / "counter_999999.db").write_bytes(b"stale")  # left by a previous run
+    result = _python(
+        tmp_path / "workers.py",
+        """
+        import multiprocessing, os
+        from gateway.metrics import GatewayMetrics, reset_multiprocess_dir
+
+        def worker(started, release):
+            metrics = GatewayMetrics()
+            metrics.requests.labels("acme", "/health", "GET", "200").inc(3)
+            metrics.in_flight.inc()
+            started.release()
+            release.acquire()
+            metrics.in_flight.dec()
+            metrics.process_exiting()
+
+        if __name__ == "__main__":
+            reset_multiprocess_dir()
+            assert os.listdir(os.environ["PROMETHEUS_MULTIPROC_DIR"]) == []
+            context = multiprocessing.get_context("spawn")
+            started, release = context.Semaphore(0), context.Semaphore(0)
+            workers = [context.Process(target=worker, args=(started, release)) for _ in range(2)]
+            for process in workers:
+                process.start()
+            for _ in workers:
+                assert started.acquire(timeout=60)
+            metrics = GatewayMetrics()
+            metrics.requests.labels("acme", "/health", "GET", "200").inc()
+            print("DURING", metrics.render()[0].decode().replace(chr(10), "|"))
+            for _ in workers:
+                release.release()
+            for process in workers:
+                process.join(60)
+            print("AFTER", metrics.render()[0].decode().replace(chr(10), "|"))
+        """,
+        env={"PROMETHEUS_MULTIPROC_DIR": str(directory)},
+    )
+    assert result.returncode == 0, result.stderr
+    outputs = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in result.stdout.splitlines()}
+    during = Scrape.parse(outputs["DURING"].replace("|", "\n"))
+    after = Scrape.parse(outputs["AFTER"].replace("|", "\n"))
+    assert during.value("gateway_requests_total", tenant="acme") == 7  # 3 + 3 + 1
+    assert during.value("gateway_in_flight_requests") == 2
+    assert after.value("gateway_requests_total", tenant="acme") == 7  # counters outlive their worker
+    assert after.value("gateway_in_flight_requests") == 0  # exited workers' live gauges are dropped
