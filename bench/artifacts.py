@@ -54,6 +54,10 @@ import httpx
 from gateway.auth.jwt import mint_token
 from gateway.dev import DevStack, ManagedProcess, free_port, gateway_environment
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import group_pids
+
 MIB = 1024 * 1024
 CHUNK = MIB  # client read/write chunk
 SAMPLE_INTERVAL_S = 0.05
@@ -75,22 +79,6 @@ def log(message: str) -> None:
 
 
 # -- /proc sampling ---------------------------------------------------------------------------------
-
-
-def group_pids(pgid: int) -> list[int]:
-    """The live pids of a process group (ManagedProcess children lead their own group)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
-            pids.append(int(entry.name))
-    return pids
 
 
 def rss_kib(pid: int) -> int:

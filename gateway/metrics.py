@@ -62,6 +62,15 @@ def reset_multiprocess_dir() -> None:
         os.remove(path)
 
 
+def mark_worker_dead(pid: int | None) -> None:
+    """Drop a dead worker's live gauges (in-flight requests) in multiprocess mode; no-op otherwise."""
+    if pid is None or not os.environ.get(MULTIPROC_ENV):
+        return
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
 class GatewayMetrics:
     """Every metric the gateway exports, registered in one registry per app."""
 

@@ -156,7 +156,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def _supervise(settings: Settings) -> int:
     """Bind once, keep ``settings.workers`` workers running, drain them all on SIGTERM/SIGINT."""
-    from gateway.metrics import reset_multiprocess_dir
+    from gateway.metrics import mark_worker_dead, reset_multiprocess_dir
 
     try:
         reset_multiprocess_dir()  # PROMETHEUS_MULTIPROC_DIR: drop the previous run's values (gateway/metrics.py)
@@ -186,6 +186,7 @@ def _supervise(settings: Settings) -> int:
                 if process.is_alive():
                     continue
                 process.join()
+                mark_worker_dead(process.pid)  # its in-flight gauge must not count any more
                 failed = _crash_loop(process, restarts, limit=max(MIN_RESTARTS, 2 * settings.workers))
                 if failed:
                     break

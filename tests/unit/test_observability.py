@@ -210,3 +210,34 @@ def test_multiprocess_mode_sums_every_worker(tmp_path: Path) -> None:
     assert during.value("gateway_in_flight_requests") == 2
     assert after.value("gateway_requests_total", tenant="acme") == 7  # counters outlive their worker
     assert after.value("gateway_in_flight_requests") == 0  # exited workers' live gauges are dropped
+
+
+def test_a_crashed_workers_in_flight_gauge_is_dropped(tmp_path: Path) -> None:
+    """A worker killed mid-request never decrements its gauge: the supervisor's mark_worker_dead drops it."""
+    directory = tmp_path / "prometheus"
+    directory.mkdir()
+    result = _python(
+        tmp_path / "crash.py",
+        """
+        import multiprocessing, os
+        from gateway.metrics import GatewayMetrics, mark_worker_dead
+
+        def worker():
+            GatewayMetrics().in_flight.inc()
+            os._exit(1)  # crashes with a request in flight
+
+        if __name__ == "__main__":
+            process = multiprocessing.get_context("spawn").Process(target=worker)
+            process.start()
+            process.join(60)
+            metrics = GatewayMetrics()
+            print("BEFORE", metrics.render()[0].decode().replace(chr(10), "|"))
+            mark_worker_dead(process.pid)
+            print("AFTER", metrics.render()[0].decode().replace(chr(10), "|"))
+        """,
+        env={"PROMETHEUS_MULTIPROC_DIR": str(directory)},
+    )
+    assert result.returncode == 0, result.stderr
+    outputs = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in result.stdout.splitlines()}
+    assert Scrape.parse(outputs["BEFORE"].replace("|", "\n")).value("gateway_in_flight_requests") == 1
+    assert Scrape.parse(outputs["AFTER"].replace("|", "\n")).value("gateway_in_flight_requests") == 0
