@@ -56,7 +56,7 @@ from gateway.dev import DevStack, ManagedProcess, free_port, gateway_environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import group_pids
+from common import cpu_seconds, group_pids
 
 MIB = 1024 * 1024
 CHUNK = MIB  # client read/write chunk
@@ -70,7 +70,6 @@ TARGETS = ("gateway", "mlflow")
 API = "/api/2.0/mlflow"
 ARTIFACTS = "/api/2.0/mlflow-artifacts/artifacts"
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def log(message: str) -> None:
@@ -91,16 +90,6 @@ def rss_kib(pid: int) -> int:
     except OSError:
         pass
     return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` in seconds (0 if it is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 class Sampler(threading.Thread):

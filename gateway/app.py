@@ -37,7 +37,7 @@ from gateway.http.forward import encode_query, send_upstream_response, upstream_
 from gateway.http.upstream import UpstreamClient, request_headers
 from gateway.limits import rate_limit_middleware, refuse_declared_oversize
 from gateway.metrics import GatewayMetrics, MetricsEndpoint
-from gateway.middleware import AuthenticationMiddleware, RequestIdMiddleware, send_error
+from gateway.middleware import AuthenticationMiddleware, RequestIdMiddleware, read_body, send_error
 from gateway.observability import ObservabilityMiddleware, audit, set_route
 from gateway.policy.core import Access, Body, Deny, Exchange, Local, Policy, Served, Services
 from gateway.policy.ownership import Ownership
@@ -172,7 +172,11 @@ class Gateway:
         raw_body = b""
         body = None
         if action.body is not Body.STREAM:
-            raw_body = await _read_body(receive, limit=self.settings.max_json_body_bytes)
+            raw_body = await read_body(
+                receive,
+                limit=body_limit,
+                too_large=lambda: PayloadTooLarge(f"Request body exceeds {body_limit} bytes"),
+            )
             body = _parse_body(action, method, raw_body, normalise=not admin_view)
         ex = Exchange(
             principal=principal,
@@ -270,22 +274,6 @@ def _parse_body(action: Policy | Served, method: str, raw: bytes, *, normalise: 
         return None
     parsed = parse_json_object(raw)
     return normalise_field_names(parsed) if normalise else parsed
-
-
-async def _read_body(receive: Receive, *, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise BadRequest("Client disconnected")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"Request body exceeds {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 async def _run_lifespan(gateway: Gateway, receive: Receive, send: Send) -> None:

@@ -41,6 +41,26 @@ async def send_error(send: Send, error: GatewayError, *, request_id: str | None 
     await send({"type": "http.response.body", "body": body})
 
 
+async def read_body(receive: Receive, *, limit: int, too_large: Callable[[], GatewayError]) -> bytes:
+    """Read a whole request body; the error ``too_large()`` makes is raised once it exceeds ``limit`` bytes.
+
+    A client that disconnects first gets 400 (nothing is answered to it anyway).
+    """
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise BadRequest("Client disconnected")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large()
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
 class RequestIdMiddleware:
     """Give every request an id (a well-formed client ``X-Request-Id`` is kept) and echo it back."""
 

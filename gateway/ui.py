@@ -59,7 +59,7 @@ from gateway.auth.session import (
     split_value,
 )
 from gateway.errors import BadRequest, EndpointNotFound, GatewayError, PermissionDenied, Unauthenticated
-from gateway.middleware import send_error
+from gateway.middleware import read_body, send_error
 from gateway.policy.core import Access, Body, Exchange, Policy, Served
 from gateway.settings import Settings
 
@@ -293,7 +293,10 @@ class UiMiddleware:
             return
         if not _same_origin(scope["headers"]):
             raise PermissionDenied("Cross-site login refused")
-        token = _form_token(scope["headers"], await _read_form(receive))
+        token = _form_token(
+            scope["headers"],
+            await read_body(receive, limit=_MAX_FORM_BYTES, too_large=lambda: BadRequest("Login form is too large")),
+        )
         try:
             await self.authenticator.authenticate(token)
             session = self.codec.seal(token)
@@ -471,22 +474,6 @@ def _check_csrf(scope: Scope, path: str, method: str) -> None:
     if method == "DELETE" and not content_types and not has_body:
         return
     raise PermissionDenied("A session-authenticated change must be sent as application/json")
-
-
-async def _read_form(receive: Receive) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise BadRequest("Client disconnected")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > _MAX_FORM_BYTES:
-            raise BadRequest("Login form is too large")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 def _form_token(headers: list[tuple[bytes, bytes]], body: bytes) -> str:
