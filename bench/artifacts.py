@@ -52,11 +52,11 @@ from typing import Any
 import httpx
 
 from gateway.auth.jwt import mint_token
-from gateway.dev import DevStack, ManagedProcess, free_port, gateway_environment
+from gateway.dev import DevStack, ManagedProcess, free_port, gateway_environment, group_pids
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import cpu_seconds, group_pids
+from common import cpu_seconds
 
 MIB = 1024 * 1024
 CHUNK = MIB  # client read/write chunk

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from gateway.dev import ManagedProcess, free_port
+from gateway.dev import ManagedProcess, free_port, group_pids
 
 HOST = "127.0.0.1"
 GATEWAY_START_TIMEOUT_S = 60.0
@@ -61,22 +61,6 @@ def rss_mib(pid: int) -> float:
     except OSError:
         pass
     return 0.0
-
-
-def group_pids(pgid: int) -> list[int]:
-    """The live pids of a process group (a ManagedProcess leads its own group)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
-            pids.append(int(entry.name))
-    return pids
 
 
 def group_cpu_seconds(pgid: int) -> float:

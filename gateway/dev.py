@@ -225,16 +225,10 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether any non-zombie process is still in the group (zombies may wait for a reaper)."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        try:
-            os.killpg(pgid, 0)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True
-    for entry in proc.iterdir():
+def group_pids(pgid: int) -> list[int]:
+    """The live (non-zombie) pids of a process group, read from ``/proc`` (a ManagedProcess leads its own group)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
@@ -244,8 +238,19 @@ def _group_alive(pgid: int) -> bool:
         # Format: "pid (comm) state ppid pgrp ..."; comm may contain spaces and parentheses.
         fields = stat[stat.rfind(")") + 2 :].split()
         if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
+            pids.append(int(entry.name))
+    return pids
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any non-zombie process is still in the group (zombies may wait for a reaper)."""
+    if Path("/proc").is_dir():
+        return bool(group_pids(pgid))
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def _child_env(extra: Mapping[str, str]) -> dict[str, str]:
