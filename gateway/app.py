@@ -1,6 +1,7 @@
 """The gateway application: middleware order, lifespan, and the request pipeline.
 
-request id -> authentication -> canonicalise (path, query, body) -> route table (deny by default)
+observability (request id, record, response headers) -> UI (login, session cookie) -> authentication
+-> rate limits -> canonicalise (path, query, body) -> route table (deny by default)
 -> policy request steps -> forward upstream -> policy response steps (buffered responses only)
 """
 
@@ -37,8 +38,8 @@ from gateway.http.forward import encode_query, send_upstream_response, upstream_
 from gateway.http.upstream import UpstreamClient, request_headers
 from gateway.limits import rate_limit_middleware, refuse_declared_oversize
 from gateway.metrics import GatewayMetrics, MetricsEndpoint
-from gateway.middleware import AuthenticationMiddleware, RequestIdMiddleware, read_body, send_error
-from gateway.observability import ObservabilityMiddleware, audit, set_route
+from gateway.middleware import AuthenticationMiddleware, read_body, send_error
+from gateway.observability import ObservabilityMiddleware, RequestRecord, audit, current_request, set_route
 from gateway.policy.core import Access, Body, Deny, Exchange, Local, Policy, Served, Services
 from gateway.policy.ownership import Ownership
 from gateway.policy.router import RouteTable
@@ -121,23 +122,20 @@ class Gateway:
             return
         state = scope.setdefault("state", {})
         request_id: str = state.get("request_id", "-")
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        record = current_request()
+        if record is None:  # served without the observability layer (tests of the bare pipeline)
+            record = RequestRecord(request_id, scope["method"], scope["path"], 0.0)
+            send = _recording_status(send, record)
         try:
-            await self._handle(scope, receive, tracking_send, request_id)
+            await self._handle(scope, receive, send, request_id)
         except GatewayError as error:
-            if started:
+            if record.status:  # the response has started: too late for an error answer
                 raise
             await send_error(send, error, request_id=request_id)
         except Exception:
             # A defect, not a policy decision: log it with the request id, answer MLflow's shape.
             logger.exception("unhandled error (request id %s)", request_id)
-            if started:
+            if record.status:
                 raise
             await send_error(send, GatewayError("Internal gateway error"), request_id=request_id)
 
@@ -239,6 +237,15 @@ class Gateway:
         await send({"type": "http.response.body", "body": body})
 
 
+def _recording_status(send: Send, record: RequestRecord) -> Send:
+    async def recording_send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            record.status = message["status"]
+        await send(message)
+
+    return recording_send
+
+
 def _platform_admin_view(
     action: Policy | Served, principal: Principal, method: str, path: str, request_id: str
 ) -> Policy | Served:
@@ -303,7 +310,6 @@ def create_app(
     authenticator = Authenticator.from_settings(settings)
     rate_limits = rate_limit_middleware(settings, is_public=is_public_path)  # None: no limit configured
     stack: list[Callable[[ASGIApp], ASGIApp]] = [
-        RequestIdMiddleware,
         lambda app: ObservabilityMiddleware(
             app,
             metrics=metrics,

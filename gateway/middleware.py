@@ -1,4 +1,4 @@
-"""Pure-ASGI middleware: request id and authentication.
+"""Pure-ASGI middleware: authentication; the error answer and body reader every layer uses.
 
 Each class wraps the next ASGI app, passes non-HTTP scopes through and short-circuits by sending a
 response. The whole order is declared once, in :func:`gateway.app.create_app`.
@@ -9,20 +9,16 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import os
-import re
 from collections.abc import Callable
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.auth.jwt import MAX_TOKEN_BYTES, Authenticator, job_label
 from gateway.auth.principal import Principal
 from gateway.errors import BadRequest, GatewayError, HeadersTooLarge, Unauthenticated, error_body
-from gateway.observability import note_error
+from gateway.observability import REQUEST_ID_HEADER, note_error
 
-REQUEST_ID_HEADER = b"x-request-id"
 JOB_LABEL_HEADER = b"x-matih-job-id"
-_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._-]{8,128}$")
 
 
 async def send_error(send: Send, error: GatewayError, *, request_id: str | None = None) -> None:
@@ -59,31 +55,6 @@ async def read_body(receive: Receive, *, limit: int, too_large: Callable[[], Gat
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
-
-
-class RequestIdMiddleware:
-    """Give every request an id (a well-formed client ``X-Request-Id`` is kept) and echo it back."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        incoming = next((value for key, value in scope["headers"] if key == REQUEST_ID_HEADER), None)
-        # 32 random hex digits like uuid4().hex, at a fifth of its cost (bench/RESULTS.md, overhead profile).
-        request_id = incoming.decode() if incoming and _REQUEST_ID.match(incoming) else os.urandom(16).hex()
-        scope.setdefault("state", {})["request_id"] = request_id
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = [h for h in message.get("headers", []) if h[0] != REQUEST_ID_HEADER]
-                headers.append((REQUEST_ID_HEADER, request_id.encode()))
-                message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
 
 
 def credential_from_headers(headers: list[tuple[bytes, bytes]]) -> str | None:

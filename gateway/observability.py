@@ -1,7 +1,8 @@
 """What the gateway tells its operators: the per-request record, the access log and the audit log.
 
-:class:`ObservabilityMiddleware` (just inside the request id) keeps one :class:`RequestRecord` per
-HTTP request in a context variable; small hooks fill it from where the facts are known:
+:class:`ObservabilityMiddleware` (the outermost layer, which also gives the request its id) keeps one
+:class:`RequestRecord` per HTTP request in a context variable; small hooks fill it from where the
+facts are known:
 
 - :func:`set_route`: the matched route template (``Gateway._handle``),
 - :func:`note_upstream` / :func:`note_upstream_error`: time, calls and failures of upstream calls
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
+import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -42,6 +45,16 @@ UNMATCHED_ROUTE = "unmatched"
 _MAX_LOGGED_TEXT = 512  # paths and refusal reasons are cut here: a log line stays a line
 # Metric label values for the method: the methods MLflow uses, anything else is "other".
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+REQUEST_ID_HEADER = b"x-request-id"
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._-]{8,128}$")
+# On every response (the UI runs in a browser; harmless on API answers).
+SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+)
+# Response header names (lower case, as ASGI apps send them) the front layer sets itself.
+_FRONT_HEADER_NAMES = frozenset({REQUEST_ID_HEADER, *(name for name, _ in SECURITY_HEADERS)})
 
 
 @dataclass(slots=True)
@@ -125,12 +138,22 @@ def audit(event: str, **fields: Any) -> None:
 
 
 class ObservabilityMiddleware:
-    """Keep the request's record, answer ``/metrics``, then count, log and audit the request.
+    """The outermost layer: request id, the request's record, ``/metrics``, the headers every response carries.
 
-    Sits just inside the request id middleware and outside authentication, so it sees every
-    request, including those refused before they reach the pipeline, and so the metrics token is
-    never mistaken for a JWT. The principal is read from ``scope["state"]`` after the inner app
-    ran (the state dict is shared by every layer).
+    One layer and one ``send`` wrapper for what every request needs, because each layer costs CPU on
+    every request (bench/RESULTS.md, the overhead profile):
+
+    - the request id: a well-formed client ``X-Request-Id`` is kept, otherwise one is generated; it is
+      put in ``scope["state"]["request_id"]`` and echoed on the response;
+    - the :class:`RequestRecord`, in a context variable for the hooks above; its ``status`` tells inner
+      layers whether a response has started;
+    - ``GET /metrics`` is answered here, before authentication, so the metrics token is never taken
+      for a JWT;
+    - every response gets the security headers (``X-Frame-Options: DENY``, ``X-Content-Type-Options:
+      nosniff``, ``Referrer-Policy: same-origin``) and the request id, replacing any the inner app set;
+    - when the response is done: metrics, one access-log line, and a ``denied`` audit record for a
+      refusal the gateway made itself. The principal is read from ``scope["state"]`` after the inner
+      app ran (the state dict is shared by every layer).
     """
 
     def __init__(
@@ -160,11 +183,16 @@ class ObservabilityMiddleware:
                 send = self._on_shutdown(send)
             await self.app(scope, receive, send)
             return
+        incoming = next((value for key, value in scope["headers"] if key == REQUEST_ID_HEADER), None)
+        # 32 random hex digits like uuid4().hex, at a fifth of its cost (bench/RESULTS.md, overhead profile).
+        request_id = incoming.decode() if incoming and _REQUEST_ID.match(incoming) else os.urandom(16).hex()
         state = scope.setdefault("state", {})
+        state["request_id"] = request_id
         path: str = scope["path"]
         method: str = scope["method"]
-        record = RequestRecord(state.get("request_id", "-"), method, path, time.perf_counter(), self.metrics)
+        record = RequestRecord(request_id, method, path, time.perf_counter(), self.metrics)
         app = self.metrics_endpoint if path == self.metrics_path and method == "GET" else self.app
+        response_headers = (*SECURITY_HEADERS, (REQUEST_ID_HEADER, request_id.encode()))
 
         async def counting_receive() -> Message:
             message = await receive()
@@ -172,18 +200,21 @@ class ObservabilityMiddleware:
                 record.bytes_in += len(message.get("body", b""))
             return message
 
-        async def counting_send(message: Message) -> None:
+        async def front_send(message: Message) -> None:
             kind = message["type"]
             if kind == "http.response.body":
                 record.bytes_out += len(message.get("body", b""))
             elif kind == "http.response.start":
                 record.status = message["status"]
+                headers = [header for header in message.get("headers", ()) if header[0] not in _FRONT_HEADER_NAMES]
+                headers.extend(response_headers)
+                message = {**message, "headers": headers}
             await send(message)
 
         context = _current.set(record)
         self.metrics.in_flight.inc()
         try:
-            await app(scope, counting_receive, counting_send)
+            await app(scope, counting_receive, front_send)
         finally:
             self.metrics.in_flight.dec()
             _current.reset(context)

@@ -1,6 +1,6 @@
 """The MLflow web UI through the gateway: token login, the session cookie, CSRF, headers, root path.
 
-:class:`UiMiddleware` sits between the request id and the authentication middleware:
+:class:`UiMiddleware` sits between the observability (request id) and the authentication middleware:
 
 - ``GATEWAY_ROOT_PATH``: the prefix is stripped from every incoming path (a request outside it is a
   404); redirects and the cookie path carry it. The UI bundle uses relative URLs, so it works as is.
@@ -23,7 +23,7 @@
   also ends the provider's session when it has an end-session endpoint. A session too large for one
   cookie is split into several (:func:`gateway.auth.session.split_value`).
 - Every response gets ``X-Frame-Options: DENY``, ``X-Content-Type-Options: nosniff`` and
-  ``Referrer-Policy: same-origin``.
+  ``Referrer-Policy: same-origin`` from the outermost layer (:mod:`gateway.observability`).
 """
 
 from __future__ import annotations
@@ -67,12 +67,6 @@ logger = logging.getLogger("gateway.ui")
 
 LOGIN_PATH, LOGOUT_PATH = "/login", "/logout"
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
-    (b"x-frame-options", b"DENY"),
-    (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"same-origin"),
-)
-_SECURITY_HEADER_NAMES = frozenset(name for name, _ in SECURITY_HEADERS)
 _PAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'{}; frame-ancestors 'none'"
 # Artifact uploads carry the file's bytes, not JSON (the Origin check still applies).
 _UPLOAD_PATHS = re.compile(r"^/(?:api|ajax-api)/2\.0/(?:mlflow-artifacts/artifacts/.+|mlflow/upload-artifact)$")
@@ -101,7 +95,7 @@ TELEMETRY_CONFIG = Served(_telemetry_off, access=Access.READ, description="UI: t
 
 
 class UiMiddleware:
-    """Root path, login/logout pages, session cookie -> credential, CSRF and security headers."""
+    """Root path, login/logout pages, session cookie -> credential and CSRF."""
 
     def __init__(self, app: ASGIApp, *, settings: Settings, authenticator: Authenticator) -> None:
         self.app = app
@@ -120,7 +114,6 @@ class UiMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = scope.setdefault("state", {}).get("request_id")
-        send = _with_security_headers(send)
         try:
             inner = self._strip_root(scope)
             if inner is None:
@@ -509,17 +502,6 @@ def _with_cookies(send: Send, cookies: list[str]) -> Send:
         if message["type"] == "http.response.start":
             headers: list[Any] = list(message.get("headers", []))
             headers.extend((b"set-cookie", cookie.encode("latin-1")) for cookie in cookies)
-            message = {**message, "headers": headers}
-        await send(message)
-
-    return wrapped
-
-
-def _with_security_headers(send: Send) -> Send:
-    async def wrapped(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            headers: list[Any] = [h for h in message.get("headers", []) if h[0].lower() not in _SECURITY_HEADER_NAMES]
-            headers.extend(SECURITY_HEADERS)
             message = {**message, "headers": headers}
         await send(message)
 
