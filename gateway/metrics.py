@@ -22,6 +22,8 @@ refused even from an allowed network.
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import glob
 import hmac
 import ipaddress
@@ -40,6 +42,8 @@ from gateway.middleware import send_error
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Latency buckets in seconds: sub-millisecond proxying up to long artifact transfers.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
+# Multiprocess mode: how often a worker writes its pending counts to the shared files (see flush()).
+FLUSH_INTERVAL_SECONDS = 1.0
 
 
 def multiprocess_mode() -> bool:
@@ -71,8 +75,40 @@ def mark_worker_dead(pid: int | None) -> None:
     multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
+class _PendingHistogram:
+    """Observations of one histogram child since the last flush: a count per bucket and their sum."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        # prometheus-client counts a value in the first bucket whose bound is >= the value.
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def apply(self, child: Any) -> None:
+        """Add these observations to a prometheus-client histogram child, as its observe() would."""
+        # Private attributes of prometheus-client's Histogram (stable since 0.4; tests/unit/test_metrics.py
+        # checks that the result equals calling observe()): it has no public way to add many observations.
+        for bucket, count in zip(child._buckets, self.counts, strict=True):
+            if count:
+                bucket.inc(count)
+        child._sum.inc(self.total)
+
+
 class GatewayMetrics:
-    """Every metric the gateway exports, registered in one registry per app."""
+    """Every metric the gateway exports, registered in one registry per app.
+
+    The per-request figures (requests, their duration, upstream calls, cache look-ups, requests in
+    flight) are counted in plain dicts on the request path and added to the prometheus-client metrics
+    by :meth:`flush`: before every exposition, and in multiprocess mode at most
+    ``FLUSH_INTERVAL_SECONDS`` after a request (a scrape answered by another worker sees this worker's
+    figures up to that late). prometheus-client takes a lock (and in multiprocess mode writes a file)
+    per update: about ten per request, the largest part of the metrics' cost (bench/RESULTS.md).
+    """
 
     def __init__(self) -> None:
         self.multiprocess = multiprocess_mode()
@@ -129,19 +165,80 @@ class GatewayMetrics:
             ["tenant", "direction"],
             registry=registry,
         )
-        self._cache_children: dict[tuple[str, bool], Any] = {}
         if not self.multiprocess:
             ProcessCollector(registry=registry)  # process_resident_memory_bytes, cpu, open fds
+        self.in_flight_now = 0  # requests being served; the gauge is set from it by flush()
+        self._in_flight_flushed = 0
+        self._requests: dict[tuple[str, str, str, int], int] = {}
+        self._durations: dict[str, _PendingHistogram] = {}
+        self._upstream = _PendingHistogram()
+        self._upstream_pending = False
+        self._cache: dict[tuple[str, bool], int] = {}
+        self._flush_timer: asyncio.TimerHandle | None = None
+
+    def request_started(self) -> None:
+        """One more request in flight."""
+        self.in_flight_now += 1
+        if self.multiprocess and self._flush_timer is None:
+            self._schedule_flush()
+
+    def request_finished(self) -> None:
+        """One request fewer in flight."""
+        self.in_flight_now -= 1
+
+    def request_done(self, tenant: str, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one answered request and its duration."""
+        key = (tenant, route, method, status)
+        self._requests[key] = self._requests.get(key, 0) + 1
+        pending = self._durations.get(route)
+        if pending is None:
+            pending = self._durations[route] = _PendingHistogram()
+        pending.observe(seconds)
+        if self.multiprocess and self._flush_timer is None:
+            self._schedule_flush()
+
+    def upstream_call(self, seconds: float) -> None:
+        """Count one upstream call: the time until its response headers arrived (or it failed)."""
+        self._upstream.observe(seconds)
+        self._upstream_pending = True
 
     def cache_lookup(self, cache: str, hit: bool) -> None:
-        """Count one ownership-cache look-up (the labelled child is resolved once per cache and result)."""
-        child = self._cache_children.get((cache, hit))
-        if child is None:
-            child = self._cache_children[(cache, hit)] = self.cache_requests.labels(cache, "hit" if hit else "miss")
-        child.inc()
+        """Count one ownership-cache look-up."""
+        key = (cache, hit)
+        self._cache[key] = self._cache.get(key, 0) + 1
+
+    def flush(self) -> None:
+        """Add everything counted since the last flush to the prometheus-client metrics."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        requests, self._requests = self._requests, {}
+        for (tenant, route, method, status), count in requests.items():
+            self.requests.labels(tenant, route, method, str(status)).inc(count)
+        durations, self._durations = self._durations, {}
+        for route, pending in durations.items():
+            pending.apply(self.request_duration.labels(route))
+        if self._upstream_pending:
+            upstream, self._upstream, self._upstream_pending = self._upstream, _PendingHistogram(), False
+            upstream.apply(self.upstream_duration)
+        cache, self._cache = self._cache, {}
+        for (name, hit), count in cache.items():
+            self.cache_requests.labels(name, "hit" if hit else "miss").inc(count)
+        if self.in_flight_now != self._in_flight_flushed:
+            self.in_flight.set(self.in_flight_now)
+            self._in_flight_flushed = self.in_flight_now
+
+    def _schedule_flush(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not in an event loop: nothing would run a timer
+            self.flush()
+            return
+        self._flush_timer = loop.call_later(FLUSH_INTERVAL_SECONDS, self.flush)
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition text (Prometheus or OpenMetrics, as ``accept`` asks) and its content type."""
+        self.flush()
         encoder, content_type = choose_encoder(accept)
         if self.multiprocess:
             registry = CollectorRegistry()
@@ -150,7 +247,8 @@ class GatewayMetrics:
         return encoder(self.registry), content_type
 
     def process_exiting(self) -> None:
-        """Drop this worker's live gauges from the multiprocess directory (on shutdown)."""
+        """Write the pending figures, then drop this worker's live gauges from the multiprocess directory."""
+        self.flush()
         if self.multiprocess:
             mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 

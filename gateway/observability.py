@@ -112,7 +112,7 @@ def note_upstream(seconds: float, *, call: bool = True) -> None:
     if call:
         record.upstream_calls += 1
         if record.metrics is not None:
-            record.metrics.upstream_duration.observe(seconds)
+            record.metrics.upstream_call(seconds)
 
 
 def note_upstream_error(kind: str) -> None:
@@ -173,9 +173,6 @@ class ObservabilityMiddleware:
         self.access_log = access_log
         self.root_path = root_path
         self.metrics_path = f"{root_path}/metrics"
-        # Labelled children by label values: prometheus-client's labels() takes a lock and builds a
-        # key on every call; this dict is bounded by the same label sets as the metrics themselves.
-        self._children: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -212,11 +209,11 @@ class ObservabilityMiddleware:
             await send(message)
 
         context = _current.set(record)
-        self.metrics.in_flight.inc()
+        self.metrics.request_started()
         try:
             await app(scope, counting_receive, front_send)
         finally:
-            self.metrics.in_flight.dec()
+            self.metrics.request_finished()
             _current.reset(context)
             self._finish(record, scope, state)
 
@@ -230,16 +227,7 @@ class ObservabilityMiddleware:
         status = record.status or 500  # no response started: the server answers 500
         method = record.method if record.method in _METHODS else "other"
         metrics = self.metrics
-        key = (tenant, route, method, status)
-        children = self._children.get(key)
-        if children is None:
-            children = (
-                metrics.requests.labels(tenant, route, method, str(status)),
-                metrics.request_duration.labels(route),
-            )
-            self._children[key] = children
-        children[0].inc()
-        children[1].observe(elapsed)
+        metrics.request_done(tenant, route, method, status, elapsed)
         if record.artifact_bytes_in:
             metrics.artifact_bytes.labels(tenant, "in").inc(record.artifact_bytes_in)
         if record.artifact_bytes_out:

@@ -79,6 +79,44 @@ def test_each_app_has_its_own_registry() -> None:
     assert one.value("gateway_cache_requests_total", cache="run_experiment", result="hit") == 2
 
 
+OBSERVED = (0.0, 0.0004, 0.001, 0.0010001, 0.003, 0.05, 0.9999, 1.0, 7.5, 120.0, 121.0, 3600.0)
+
+
+def test_pending_counts_reach_prometheus_exactly_as_direct_updates_would() -> None:
+    """The request path counts in plain dicts; flush() must give what prometheus-client's own calls give.
+
+    This also guards the private Histogram attributes flush() writes to (``_buckets``, ``_sum``).
+    """
+    batched, direct = GatewayMetrics(), GatewayMetrics()
+    for seconds in OBSERVED:
+        batched.request_done("acme", "/api/2.0/mlflow/runs/get", "GET", 200, seconds)
+        batched.upstream_call(seconds)
+        direct.requests.labels("acme", "/api/2.0/mlflow/runs/get", "GET", "200").inc()
+        direct.request_duration.labels("/api/2.0/mlflow/runs/get").observe(seconds)
+        direct.upstream_duration.observe(seconds)
+    batched.cache_lookup("run_experiment", False)
+    direct.cache_requests.labels("run_experiment", "miss").inc()
+    batched.request_started()
+    direct.in_flight.inc()
+
+    def samples(metrics: GatewayMetrics) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
+        scrape = Scrape.parse(metrics.render()[0].decode())
+        return {
+            (name, tuple(sorted(labels.items())), value)
+            for name, labels, value in scrape.samples
+            if name.startswith("gateway_") and not name.endswith("_created")
+        }
+
+    assert samples(batched) == samples(direct)
+    assert (
+        "gateway_request_duration_seconds_bucket",
+        (("le", "0.001"), ("route", "/api/2.0/mlflow/runs/get")),
+        3.0,
+    ) in (samples(direct))
+    # A second flush adds nothing twice.
+    assert samples(batched) == samples(direct)
+
+
 def test_hooks_do_nothing_outside_a_request() -> None:
     assert current_request() is None
     set_route("/x")
@@ -169,8 +207,8 @@ def test_multiprocess_mode_sums_every_worker(tmp_path: Path) -> None:
     result = _python(
         tmp_path / "workers.py",
         """
-        import multiprocessing, os
-        from gateway.metrics import GatewayMetrics, reset_multiprocess_dir
+        import asyncio, multiprocessing, os
+        from gateway.metrics import FLUSH_INTERVAL_SECONDS, GatewayMetrics, reset_multiprocess_dir
 
         def worker(started, release):
             metrics = GatewayMetrics()
@@ -180,6 +218,14 @@ def test_multiprocess_mode_sums_every_worker(tmp_path: Path) -> None:
             release.acquire()
             metrics.in_flight.dec()
             metrics.process_exiting()
+
+        async def serve_one(metrics):
+            metrics.request_started()
+            metrics.request_done("globex", "/health", "GET", 200, 0.002)
+            metrics.request_finished()
+            print("PENDING", GatewayMetrics().render()[0].decode().replace(chr(10), "|"))
+            await asyncio.sleep(FLUSH_INTERVAL_SECONDS + 0.5)  # the worker's flush timer writes them
+            print("FLUSHED", GatewayMetrics().render()[0].decode().replace(chr(10), "|"))
 
         if __name__ == "__main__":
             reset_multiprocess_dir()
@@ -199,11 +245,17 @@ def test_multiprocess_mode_sums_every_worker(tmp_path: Path) -> None:
             for process in workers:
                 process.join(60)
             print("AFTER", metrics.render()[0].decode().replace(chr(10), "|"))
+            asyncio.run(serve_one(GatewayMetrics()))
         """,
         env={"PROMETHEUS_MULTIPROC_DIR": str(directory)},
     )
     assert result.returncode == 0, result.stderr
     outputs = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in result.stdout.splitlines()}
+    # A worker's per-request counts reach the shared files by its flush timer, without a scrape there.
+    assert Scrape.parse(outputs["PENDING"].replace("|", "\n")).value("gateway_requests_total", tenant="globex") == 0
+    flushed = Scrape.parse(outputs["FLUSHED"].replace("|", "\n"))
+    assert flushed.value("gateway_requests_total", tenant="globex") == 1
+    assert flushed.value("gateway_request_duration_seconds_count", route="/health") == 1
     during = Scrape.parse(outputs["DURING"].replace("|", "\n"))
     after = Scrape.parse(outputs["AFTER"].replace("|", "\n"))
     assert during.value("gateway_requests_total", tenant="acme") == 7  # 3 + 3 + 1
