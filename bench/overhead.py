@@ -198,8 +198,7 @@ class PassthroughProxy:
             await _answer(send, 502, b'{"error_code": "BAD_GATEWAY", "message": "upstream failed"}')
             return
         try:
-            out = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in response.headers]
-            out = [(k, v) for k, v in out if k in (b"content-type", b"content-length")]
+            out = [(k.lower(), v) for k, v in response.headers if k.lower() in (b"content-type", b"content-length")]
             await send({"type": "http.response.start", "status": response.status, "headers": out})
             async for chunk in response.iter_chunks():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})

@@ -11,7 +11,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
-from urllib.parse import quote
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -34,7 +33,7 @@ from gateway.http.canonical import (
     parse_json_object,
     parse_query,
 )
-from gateway.http.forward import encode_query, send_upstream_response, upstream_headers
+from gateway.http.forward import encode_query, quote_path, send_upstream_response, upstream_headers
 from gateway.http.upstream import UpstreamClient, request_headers
 from gateway.limits import rate_limit_middleware, refuse_declared_oversize
 from gateway.metrics import GatewayMetrics, MetricsEndpoint
@@ -49,7 +48,6 @@ from gateway.ui import UiMiddleware
 
 logger = logging.getLogger("gateway")
 
-_PATH_SAFE = "/:@!$&'()*+,;=-._~"
 ROLE_FOR_ACCESS = {Access.READ: VIEWER, Access.WRITE: EDITOR, Access.ADMIN: ADMIN}
 PUBLIC_PREFIXES = ("/static-files/", "/build/")
 PUBLIC_PATHS = frozenset({"/health", "/ready"})
@@ -186,7 +184,7 @@ class Gateway:
             services=services,
             request_id=request_id,
             raw_body=raw_body if action.body is Body.RAW else b"",
-            headers=_request_headers(scope),
+            raw_headers=scope["headers"],
         )
         client = scope.get("client")
         request_headers.set({"x-request-id": request_id, "x-forwarded-for": client[0] if client else "unknown"})
@@ -203,9 +201,8 @@ class Gateway:
         headers = upstream_headers(scope, ex, content_type="application/json" if content is not None else None)
         if policy.body is Body.RAW:  # the checked bytes a step left; its content type is in forward_headers
             content = ex.raw_body
-        # The path was decoded once for checking: re-encode it, so a `%3F` or `%23` inside a segment
-        # (a tag key, an artifact name) stays part of the path upstream instead of starting a query.
-        target = quote(ex.path, safe=_PATH_SAFE) + (f"?{encode_query(ex.query)}" if ex.query else "")
+        # The path was decoded once for checking: re-encode it (quote_path says why).
+        target = quote_path(ex.path) + (f"?{encode_query(ex.query)}" if ex.query else "")
         response = await self.services.upstream.send(ex.method, target, headers=headers, body=content)
         try:
             await send_upstream_response(ex, policy, response, send)
@@ -262,14 +259,6 @@ def _platform_admin_view(
     if isinstance(action, Served):
         return action
     return Policy(body=action.body, access=Access.READ, description="platform-admin read of stored objects")
-
-
-def _request_headers(scope: Scope) -> dict[str, list[str]]:
-    """The request headers by lower-case name, every value kept (for Body.RAW policy steps)."""
-    headers: dict[str, list[str]] = {}
-    for key, value in scope["headers"]:
-        headers.setdefault(key.decode("latin-1").lower(), []).append(value.decode("latin-1"))
-    return headers
 
 
 def _parse_body(action: Policy | Served, method: str, raw: bytes, *, normalise: bool = True) -> dict[str, Any] | None:

@@ -34,16 +34,19 @@ def canonical_path(raw_path: bytes) -> str:
     """
     if not raw_path.startswith(b"/"):
         raise BadRequest("Request path must be absolute")
-    if _ENCODED_SEPARATOR.search(raw_path):
+    encoded = b"%" in raw_path
+    if encoded and _ENCODED_SEPARATOR.search(raw_path):
         raise BadRequest("Encoded path separators are not allowed")
     try:
-        path = unquote_to_bytes(raw_path).decode("utf-8")
+        path = (unquote_to_bytes(raw_path) if encoded else raw_path).decode("utf-8")
     except UnicodeDecodeError:
         raise BadRequest("Request path is not valid UTF-8") from None
-    if _PERCENT_ESCAPE.search(path):
+    if encoded and _PERCENT_ESCAPE.search(path):
         raise BadRequest("Request path is percent-encoded more than once")
     if _CONTROL.search(path) or "\\" in path:
         raise BadRequest("Request path contains forbidden characters")
+    if "//" not in path and "/." not in path:  # no empty or dot segment possible (most requests)
+        return path
     segments = path.split("/")[1:]
     # A trailing slash is one empty last segment (MLflow has `/ajax-api/3.0/jobs/`); any other empty
     # segment is a `//`.
@@ -76,7 +79,10 @@ def parse_query(raw_query: bytes) -> Query:
 
 def _decode_query_component(raw: bytes) -> str:
     try:
-        text = unquote_to_bytes(raw.replace(b"+", b" ")).decode("utf-8")
+        if b"%" in raw or b"+" in raw:
+            text = unquote_to_bytes(raw.replace(b"+", b" ")).decode("utf-8")
+        else:
+            text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise BadRequest("Query string is not valid UTF-8") from None
     if "\x00" in text:

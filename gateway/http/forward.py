@@ -10,6 +10,7 @@ always buffered so they can be put in MLflow's error shape, stripped of the tena
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote
@@ -33,17 +34,17 @@ _FORWARDED_REQUEST_HEADERS = frozenset(
         b"if-modified-since",
     }
 )
-# Upstream response headers passed back to the client.
+# Upstream response headers passed back to the client (content-length is handled on its own).
 _RETURNED_RESPONSE_HEADERS = frozenset(
     {
-        "content-type",
-        "content-disposition",
-        "cache-control",
-        "etag",
-        "last-modified",
-        "expires",
-        "content-encoding",
-        "x-content-type-options",
+        b"content-type",
+        b"content-disposition",
+        b"cache-control",
+        b"etag",
+        b"last-modified",
+        b"expires",
+        b"content-encoding",
+        b"x-content-type-options",
     }
 )
 _STATUS_ERROR_CODES = {
@@ -54,10 +55,30 @@ _STATUS_ERROR_CODES = {
 }
 
 
+# What quote(text, safe=...) leaves as it is: letters, digits, "_.-~" and the safe characters.
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
+_PATH_UNCHANGED = re.compile(r"[A-Za-z0-9/:@!$&'()*+,;=._~-]*")
+
+
+def quote_component(text: str) -> str:
+    """``quote(text, safe="")``, skipped when it would change nothing (ids, names: most values)."""
+    return text if _UNRESERVED.fullmatch(text) else quote(text, safe="")
+
+
+def quote_path(path: str) -> str:
+    """Percent-encode a decoded path for the upstream; ``/`` and RFC 3986's sub-delimiters stay as they are.
+
+    A ``%3F`` or ``%23`` inside a segment (a tag key, an artifact name) is thus sent encoded, staying
+    part of the path instead of starting a query or a fragment.
+    """
+    return path if _PATH_UNCHANGED.fullmatch(path) else quote(path, safe=_PATH_SAFE)
+
+
 def encode_query(query: Query) -> str:
     """Re-serialise a checked query (only what the gateway parsed is sent upstream)."""
     return "&".join(
-        f"{quote(key, safe='')}={quote(value, safe='')}" for key, values in query.items() for value in values
+        f"{quote_component(key)}={quote_component(value)}" for key, values in query.items() for value in values
     )
 
 
@@ -80,51 +101,47 @@ def upstream_headers(scope: Scope, ex: Exchange, *, content_type: str | None) ->
     return headers
 
 
-def _response_headers(upstream: Iterable[tuple[str, str]], *, length: int | None) -> list[tuple[bytes, bytes]]:
-    headers = [
-        (key.lower().encode("latin-1"), value.encode("latin-1"))
-        for key, value in upstream
-        if key.lower() in _RETURNED_RESPONSE_HEADERS
-    ]
-    if length is not None:
-        headers.append((b"content-length", str(length).encode()))
-    return headers
+def _response_headers(upstream: Iterable[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bytes, bytes | None]:
+    """The upstream headers returned to the client (names lower-cased), its content type and content length."""
+    headers: list[tuple[bytes, bytes]] = []
+    content_type, length = b"", None
+    for key, value in upstream:
+        name = key.lower()
+        if name == b"content-length":
+            length = value
+            continue
+        if name == b"content-type":
+            content_type = value
+        if name in _RETURNED_RESPONSE_HEADERS:
+            headers.append((name, value))
+    return headers, content_type, length
 
 
 async def send_upstream_response(ex: Exchange, policy: Policy, response: UpstreamResponse, send: Send) -> None:
     """Relay the upstream response in the shape the status and policy call for."""
-    content_type = next((v for k, v in response.headers if k.lower() == "content-type"), "")
-    is_json = content_type.startswith("application/json")
+    headers, content_type, length = _response_headers(response.headers)
+    is_json = content_type.startswith(b"application/json")
     if response.status < 400 and not (policy.buffers_response and is_json):
-        await _stream(response, send)
+        if length is not None:
+            headers.append((b"content-length", length))
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        async for chunk in response.iter_chunks():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
         return
     raw = await response.read()
     if response.status >= 400:
         body: bytes = _error_body(ex, policy, response.status, raw, is_json=is_json)
-        content_type = "application/json"
+        content_type = b"application/json"
     elif is_json:
         body = _rewrite(ex, policy, response.status, raw)
     else:
         body = raw
-    headers = [
-        (key, value)
-        for key, value in _response_headers(response.headers, length=len(body))
-        if key not in (b"content-type", b"content-encoding")
-    ]
-    headers.append((b"content-type", content_type.encode("latin-1") or b"application/json"))
+    headers = [(key, value) for key, value in headers if key not in (b"content-type", b"content-encoding")]
+    headers.append((b"content-length", str(len(body)).encode()))
+    headers.append((b"content-type", content_type or b"application/json"))
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-async def _stream(response: UpstreamResponse, send: Send) -> None:
-    length = next((v for k, v in response.headers if k.lower() == "content-length"), None)
-    headers = _response_headers(response.headers, length=None)
-    if length is not None:
-        headers.append((b"content-length", length.encode("latin-1")))
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    async for chunk in response.iter_chunks():
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    await send({"type": "http.response.body", "body": b""})
 
 
 def _decode(raw: bytes) -> tuple[Any, bool]:

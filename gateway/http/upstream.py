@@ -46,7 +46,7 @@ class UpstreamResponse:
     """An open upstream response: read it whole or stream it, then it is released."""
 
     status: int
-    headers: list[tuple[str, str]]
+    headers: tuple[tuple[bytes, bytes], ...]  # as received: names in the upstream's case, values as sent
     _response: aiohttp.ClientResponse
 
     async def read(self) -> bytes:
@@ -143,8 +143,7 @@ class UpstreamClient:
                 note_upstream(time.perf_counter() - started)
                 raise _translate(exc) from exc
         note_upstream(time.perf_counter() - started)
-        headers_out = [(key, value) for key, value in response.headers.items()]
-        return UpstreamResponse(status=response.status, headers=headers_out, _response=response)
+        return UpstreamResponse(status=response.status, headers=response.raw_headers, _response=response)
 
     async def json_call(
         self, method: str, path_and_query: str, *, headers: Mapping[str, str], body: bytes | None = None

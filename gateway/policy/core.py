@@ -7,7 +7,8 @@ then the response) or a :class:`Deny` with its reason. A request step may raise 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import functools
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 from typing import TYPE_CHECKING, Any
@@ -71,11 +72,22 @@ class Exchange:
     notes: dict[str, Any] = field(default_factory=dict)
     # Body.RAW routes only: the request body bytes (a step may replace them with a checked form).
     raw_body: bytes = b""
-    # Request headers by lower-case name (every value kept, so steps can refuse duplicates).
-    headers: dict[str, list[str]] = field(default_factory=dict)
+    # The request headers as the server gave them (lower-case names); see ``headers``.
+    raw_headers: Sequence[tuple[bytes, bytes]] = ()
     # Headers a step checked and wants sent upstream, on top of the built allow-list (e.g. OTLP's
     # ``x-mlflow-experiment-id`` once its experiment is known to be the caller's).
     forward_headers: dict[str, str] = field(default_factory=dict)
+
+    @functools.cached_property
+    def headers(self) -> dict[str, list[str]]:
+        """The request headers by lower-case name, every value kept (so steps can refuse duplicates).
+
+        Built on first use: few routes read headers (Body.RAW ones), every request would pay for it.
+        """
+        headers: dict[str, list[str]] = {}
+        for key, value in self.raw_headers:
+            headers.setdefault(key.decode("latin-1").lower(), []).append(value.decode("latin-1"))
+        return headers
 
     @property
     def caller(self) -> Principal:

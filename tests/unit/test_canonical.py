@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from typing import Any
+from urllib.parse import quote, unquote_to_bytes
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.errors import BadRequest
 from gateway.http.canonical import (
@@ -14,6 +20,7 @@ from gateway.http.canonical import (
     single_value,
     snake_case,
 )
+from gateway.http.forward import quote_component, quote_path
 
 
 @pytest.mark.parametrize(
@@ -194,3 +201,72 @@ def test_reserved_tag_keys(key: object, reserved: bool) -> None:
     from gateway.policy.steps import is_reserved_tag
 
     assert is_reserved_tag(key) is reserved
+
+
+# -- fast paths: each must give exactly what the general code gives ------------------------------
+
+_PATH_BYTES = st.binary(max_size=40) | st.lists(
+    st.sampled_from(
+        [b"/", b"a", b"Z", b"9", b".", b"..", b"%", b"%2F", b"%25", b"%41", b"+", b"\\", b"\x00", b"\xc3\xa9"]
+    ),
+    max_size=12,
+).map(b"".join)
+
+
+def _canonical_path_reference(raw_path: bytes) -> str:
+    """canonical_path before its fast paths: every check on every path."""
+    if not raw_path.startswith(b"/"):
+        raise BadRequest("absolute")
+    if re.search(rb"%(2[fF]|5[cC])", raw_path):
+        raise BadRequest("separator")
+    try:
+        path = unquote_to_bytes(raw_path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("utf-8") from None
+    if re.search(r"%[0-9A-Fa-f]{2}", path):
+        raise BadRequest("twice")
+    if re.search(r"[\x00-\x1f\x7f]", path) or "\\" in path:
+        raise BadRequest("forbidden")
+    segments = path.split("/")[1:]
+    inner = segments[:-1] if segments and segments[-1] == "" else segments
+    if any(segment in ("", ".", "..") for segment in inner):
+        raise BadRequest("segments")
+    return path
+
+
+def _outcome(function: Any, value: Any) -> Any:
+    try:
+        return function(value)
+    except BadRequest:
+        return BadRequest
+
+
+@settings(max_examples=2000, deadline=None)
+@given(raw=st.one_of(_PATH_BYTES, _PATH_BYTES.map(lambda raw: b"/" + raw)))
+def test_canonical_path_fast_path_agrees_with_the_full_check(raw: bytes) -> None:
+    assert _outcome(canonical_path, raw) == _outcome(_canonical_path_reference, raw)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(text=st.text(max_size=30))
+def test_quote_fast_paths_agree_with_quote(text: str) -> None:
+    assert quote_component(text) == quote(text, safe="")
+    assert quote_path("/" + text) == quote("/" + text, safe="/:@!$&'()*+,;=-._~")
+
+
+@settings(max_examples=1000, deadline=None)
+@given(raw=st.binary(max_size=30))
+def test_query_decoding_fast_path_agrees_with_unquote(raw: bytes) -> None:
+    query = b"k=" + raw.replace(b"&", b"")
+
+    def reference(value: bytes) -> Any:
+        text = unquote_to_bytes(value.replace(b"+", b" ")).decode("utf-8")
+        if "\x00" in text:
+            raise BadRequest("nul")
+        return {"k": [text]}
+
+    try:
+        expected = reference(query[2:])
+    except (UnicodeDecodeError, BadRequest):
+        expected = BadRequest
+    assert _outcome(parse_query, query) == expected

@@ -184,9 +184,10 @@ def test_access_and_audit_lines_reach_stderr_at_every_log_level(tmp_path: Path) 
         tmp_path / "logging_check.py",
         """
         import logging
-        from gateway.observability import access_logger, audit, configure_logging
+        from gateway.observability import access_logger, audit, configure_logging, write_access_line
         configure_logging("warning")
         access_logger.info('{"access": 1}')
+        write_access_line('{"access": 2}')  # written straight to the gateway's own handler
         audit("denied", reason="why")
         logging.getLogger("gateway").info("diagnostic detail")
         logging.getLogger("gateway").warning("a warning")
@@ -194,9 +195,32 @@ def test_access_and_audit_lines_reach_stderr_at_every_log_level(tmp_path: Path) 
     )
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
-    assert lines[0] == '{"access": 1}'
-    assert '"event":"denied"' in lines[1] and '"reason":"why"' in lines[1]
-    assert lines[2:] == ["a warning"]
+    assert lines[:2] == ['{"access": 1}', '{"access": 2}']
+    assert '"event":"denied"' in lines[2] and '"reason":"why"' in lines[2]
+    assert lines[3:] == ["a warning"]
+
+
+def test_access_lines_reach_handlers_an_application_adds(tmp_path: Path) -> None:
+    """The direct write is only taken when the gateway's own handler is the sole destination."""
+    result = _python(
+        tmp_path / "handlers_check.py",
+        """
+        import logging, sys
+        from gateway.observability import access_logger, configure_logging, write_access_line
+        configure_logging("info")
+        write_access_line("one")
+        extra = logging.StreamHandler(sys.stdout)
+        access_logger.addHandler(extra)
+        write_access_line("two")  # to the added handler and, propagated, to stderr
+        access_logger.removeHandler(extra)
+        access_logger.addFilter(lambda record: "secret" not in record.getMessage())
+        write_access_line("a secret line")  # a filter the application set is honoured
+        write_access_line("three")
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["one", "two", "three"]
+    assert result.stdout.splitlines() == ["two"]
 
 
 def test_multiprocess_mode_sums_every_worker(tmp_path: Path) -> None:
