@@ -20,8 +20,9 @@ script) to ``direct`` (the upstream itself: the ceiling), ``passthrough`` and ``
 then ``--duration`` seconds with ``--connections`` connections on ``--threads`` threads, ABBA over
 ``--rounds``. The load generator shares the machine's cores with the servers.
 
-``--profile`` then samples the gateway with py-spy (``pip install py-spy``, in the dev extras) under
-the same load and prints where its time goes (own time per function, and inclusive time).
+``--profile`` then samples the gateway and the passthrough with py-spy (``pip install py-spy``, in the
+dev extras) under the same load and prints where the gateway's time goes (own time per function, and
+inclusive time) and, per function, its own CPU microseconds per request next to the passthrough's.
 
 Progress goes to stderr, a table to stdout, and the LAST line of stdout is one JSON object.
 
@@ -29,7 +30,7 @@ Usage::
 
     python bench/overhead.py                    # 15 s per target, 2 rounds, 2 threads x 64 connections
     python bench/overhead.py --quick            # 5 s per target, 1 round
-    python bench/overhead.py --profile          # ... then 15 s of py-spy on the gateway
+    python bench/overhead.py --profile          # ... then 15 s of py-spy on the gateway and the passthrough
 """
 
 from __future__ import annotations
@@ -272,13 +273,20 @@ def run_wrk(url: str, script: Path, *, threads: int, connections: int, duration:
 # --------------------------------------------------------------------------------------------------
 
 
-def profile_gateway(pid: int, url: str, script: Path, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """py-spy on the gateway while wrk loads it: the functions with the most own and inclusive time."""
+def profile_process(
+    name: str, pid: int, url: str, script: Path, args: argparse.Namespace, workdir: Path
+) -> dict[str, Any]:
+    """py-spy on one server while wrk loads it: the functions with the most own and inclusive time.
+
+    ``own_us`` converts every function's share of the samples into CPU microseconds per request
+    (the process's CPU time over the requests wrk completed while it was sampled).
+    """
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
         return {"error": "py-spy is not installed (pip install py-spy)"}
-    raw = workdir / "gateway.pyspy.txt"
+    raw = workdir / f"{name}.pyspy.txt"
     seconds = args.duration
+    cpu_before = cpu_seconds(pid)
     spy = subprocess.Popen(
         [py_spy, "record", "-p", str(pid), "-d", f"{int(seconds)}", "-r", "250", "-f", "raw", "-o", str(raw)],
         stdout=subprocess.DEVNULL,
@@ -287,6 +295,7 @@ def profile_gateway(pid: int, url: str, script: Path, args: argparse.Namespace, 
     try:
         time.sleep(1.0)
         wrk = run_wrk(url + LOAD_PATH, script, threads=args.threads, connections=args.connections, duration=seconds)
+        cpu_us_per_req = (cpu_seconds(pid) - cpu_before) / max(1, wrk["requests"]) * 1e6
         _, err = spy.communicate(timeout=seconds + 60)
     finally:
         if spy.poll() is None:
@@ -312,10 +321,22 @@ def profile_gateway(pid: int, url: str, script: Path, args: argparse.Namespace, 
     return {
         "samples": total,
         "wrk_rps_while_profiled": wrk["rps"],
-        "own_pct": [(name, round(100 * n / total, 1)) for name, n in own.most_common(args.profile_top)],
-        "inclusive_pct": [(name, round(100 * n / total, 1)) for name, n in inclusive.most_common(args.profile_top)],
+        "cpu_us_per_req_while_profiled": round(cpu_us_per_req),
+        "own_pct": [(frame, round(100 * n / total, 1)) for frame, n in own.most_common(args.profile_top)],
+        "inclusive_pct": [(frame, round(100 * n / total, 1)) for frame, n in inclusive.most_common(args.profile_top)],
+        "own_us": {frame: n / total * cpu_us_per_req for frame, n in own.items()},
         "raw_file": str(raw) if args.keep else None,
     }
+
+
+def _profile_difference(gateway: dict[str, Any], bare: dict[str, Any], top: int) -> list[tuple[str, float, float]]:
+    """Functions by how much more own CPU time per request the gateway spends in them than the passthrough."""
+    if "error" in gateway or "error" in bare:
+        return []
+    frames = set(gateway["own_us"]) | set(bare["own_us"])
+    rows = [(frame, gateway["own_us"].get(frame, 0.0), bare["own_us"].get(frame, 0.0)) for frame in frames]
+    rows.sort(key=lambda row: row[1] - row[2], reverse=True)
+    return [(frame, round(g, 1), round(b, 1)) for frame, g, b in rows[:top]]
 
 
 def _short(frame: str) -> str:
@@ -442,8 +463,12 @@ def main_orchestrator(args: argparse.Namespace) -> int:
                 )
                 runs.append(result)
             if args.profile:
-                log(f"profiling the gateway with py-spy for {args.duration:g} s under the same load ...")
-                profile = profile_gateway(gateway.pid, gateway_url, script, args, workdir)
+                log(f"profiling the gateway and the passthrough with py-spy, {args.duration:g} s each ...")
+                profile = profile_process("gateway", gateway.pid, gateway_url, script, args, workdir)
+                bare = profile_process("passthrough", passthrough.pid, passthrough_url, script, args, workdir)
+                profile["more_than_passthrough_us"] = _profile_difference(profile, bare, args.profile_top)
+                profile["passthrough_cpu_us_per_req_while_profiled"] = bare.get("cpu_us_per_req_while_profiled")
+                profile.pop("own_us", None)  # every function: only the differences are reported
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -530,6 +555,10 @@ def print_report(summary: dict[str, Any], report: dict[str, Any], args: argparse
             print("  inclusive time:")
             for name, pct in profile["inclusive_pct"]:
                 print(f"    {pct:5.1f}%  {name}")
+            if profile.get("more_than_passthrough_us"):
+                print("  own CPU us per request, gateway vs passthrough (largest differences first):")
+                for name, gateway_us, bare_us in profile["more_than_passthrough_us"]:
+                    print(f"    {gateway_us:6.1f} {bare_us:6.1f}  {name}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

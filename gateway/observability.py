@@ -19,6 +19,7 @@ cookie, a query string or a body: only who, what, how it ended and why.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import os
@@ -46,6 +47,9 @@ _MAX_LOGGED_TEXT = 512  # paths and refusal reasons are cut here: a log line sta
 # Metric label values for the method: the methods MLflow uses, anything else is "other".
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 REQUEST_ID_HEADER = b"x-request-id"
+# Access-log lines are written in batches: at most this long after they were made, or this many at once.
+ACCESS_LOG_FLUSH_SECONDS = 0.05
+ACCESS_LOG_BATCH_LINES = 256
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._-]{8,128}$")
 # On every response (the UI runs in a browser; harmless on API answers).
 SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
@@ -287,19 +291,72 @@ class ObservabilityMiddleware:
 
 
 class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """The gateway's stderr handler: one line per record, and a direct path for access-log lines."""
+    """The gateway's stderr handler: one line per record, and a batched path for access-log lines.
+
+    Access-log lines written from the event loop are collected and written together, at most
+    ``ACCESS_LOG_FLUSH_SECONDS`` later (or once ``ACCESS_LOG_BATCH_LINES`` wait): one write instead of
+    one per request. Every other record first writes the collected lines, so the order of lines on
+    stderr is the order they were made; ``flush()`` (called at exit by ``logging.shutdown``) writes them
+    too. A process killed outright loses at most that interval of access lines.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending: list[str] = []
+        self._timer: asyncio.TimerHandle | None = None
 
     def write_line(self, line: str) -> bool:
         """Write an already formatted line, as emit() would for a ``%(message)s`` record; False on failure."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop to flush later: write it now
+            loop = None
         self.acquire()
         try:
-            self.stream.write(line + self.terminator)
-            self.stream.flush()
-        except Exception:  # the caller falls back to a record, whose handler reports the failure
-            return False
+            self._pending.append(line)
+            if loop is None or len(self._pending) >= ACCESS_LOG_BATCH_LINES:
+                return self._write_pending()
+            if self._timer is None:
+                self._timer = loop.call_later(ACCESS_LOG_FLUSH_SECONDS, self._flush_soon)
         finally:
             self.release()
         return True
+
+    def _flush_soon(self) -> None:
+        self.acquire()
+        try:
+            self._timer = None
+            self._write_pending()
+        finally:
+            self.release()
+
+    def _write_pending(self) -> bool:
+        """Write the collected lines (the caller holds the lock); False when the stream failed."""
+        if not self._pending:
+            return True
+        lines, self._pending = self._pending, []
+        try:
+            self.stream.write(self.terminator.join(lines) + self.terminator)
+            self.stream.flush()
+        except Exception:  # the caller falls back to a record, whose handler reports the failure
+            return False
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.acquire()
+        try:
+            self._write_pending()
+        finally:
+            self.release()
+        super().emit(record)
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._write_pending()
+        finally:
+            self.release()
+        super().flush()
 
 
 _gateway_logger = logging.getLogger("gateway")

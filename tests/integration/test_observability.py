@@ -52,11 +52,12 @@ def _json_lines(stack: DevStack) -> list[dict[str, Any]]:
     return lines
 
 
-def _wait_for(stack: DevStack, predicate: Any, timeout: float = 10.0) -> list[dict[str, Any]]:
+def _wait_for(stack: DevStack, predicate: Any, timeout: float = 10.0, count: int = 1) -> list[dict[str, Any]]:
+    """The log lines matching ``predicate`` once there are ``count`` (access lines are written in batches)."""
     deadline = time.monotonic() + timeout
     while True:
         found = [line for line in _json_lines(stack) if predicate(line)]
-        if found or time.monotonic() > deadline:
+        if len(found) >= count or time.monotonic() > deadline:
             return found
         time.sleep(0.05)
 
@@ -105,7 +106,11 @@ def test_stock_client_work_shows_in_metrics_and_logs(
     )
 
     # The subprocess's stderr holds one JSON access line per request, with the route template.
-    access = _wait_for(stack, lambda line: line.get("tenant") == tenant and "route" in line and "event" not in line)
+    access = _wait_for(
+        stack,
+        lambda line: line.get("tenant") == tenant and "route" in line and "event" not in line,
+        count=int(requests),
+    )
     assert len(access) == requests
     run_routes = {line["route"] for line in access}
     assert "/api/2.0/mlflow/runs/create" in run_routes

@@ -200,6 +200,32 @@ def test_access_and_audit_lines_reach_stderr_at_every_log_level(tmp_path: Path) 
     assert lines[3:] == ["a warning"]
 
 
+def test_access_lines_are_written_in_batches_and_in_order(tmp_path: Path) -> None:
+    """In the event loop, access lines wait up to ACCESS_LOG_FLUSH_SECONDS; any other record writes them first."""
+    result = _python(
+        tmp_path / "batch_check.py",
+        """
+        import asyncio, logging, sys
+        from gateway.observability import ACCESS_LOG_FLUSH_SECONDS, configure_logging, write_access_line
+
+        async def main():
+            write_access_line("a")
+            write_access_line("b")
+            sys.stderr.write("not yet\\n")  # straight to stderr: a and b are still waiting
+            await asyncio.sleep(ACCESS_LOG_FLUSH_SECONDS * 4)
+            sys.stderr.write("timer\\n")
+            write_access_line("c")
+            logging.getLogger("gateway").warning("a warning")  # writes c first
+            write_access_line("d")  # written by logging.shutdown at exit
+
+        configure_logging("info")
+        asyncio.run(main())
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["not yet", "a", "b", "timer", "c", "a warning", "d"]
+
+
 def test_access_lines_reach_handlers_an_application_adds(tmp_path: Path) -> None:
     """The direct write is only taken when the gateway's own handler is the sole destination."""
     result = _python(
