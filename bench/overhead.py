@@ -57,7 +57,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import cpu_seconds, exit_on_sigterm, log, machine, ratio, running_gateway
+from common import cpu_seconds, exit_on_sigterm, group_cpu_seconds, log, machine, ratio, running_gateway
 
 from gateway.auth.jwt import mint_token
 from gateway.dev import ManagedProcess, free_port
@@ -75,6 +75,10 @@ WRK = "/usr/bin/wrk"
 TARGETS = ("direct", "passthrough", "gateway")
 # --access-log-off-too: the same gateway with GATEWAY_ACCESS_LOG=false, to show what the access log costs.
 NO_LOG_TARGET = "gateway_no_access_log"
+# --server-variants: the same gateway with `serve --workers 2` (CPU summed over its processes), and under
+# uvicorn's pure-Python event loop and HTTP parser instead of uvloop and httptools.
+WORKERS_TARGET = "gateway_2_workers"
+ASYNCIO_TARGET = "gateway_asyncio_h11"
 TARGET_RATIO = 0.8
 TARGET_RPS_PER_WORKER = 2000
 START_TIMEOUT_S = 30.0
@@ -209,8 +213,22 @@ class PassthroughProxy:
 
 
 def serve(role: str, port: int, upstream: str | None) -> None:
-    """Run one server (``upstream`` or ``passthrough``) on ``port`` until SIGTERM."""
+    """Run one server (``upstream``, ``passthrough`` or ``gateway-asyncio``) on ``port`` until SIGTERM."""
     import uvicorn
+
+    if role == "gateway-asyncio":
+        # The gateway exactly as `serve` runs it (GATEWAY_* from the environment), but with asyncio and h11.
+        from gateway.app import create_app
+        from gateway.observability import configure_logging
+        from gateway.serving import GatewayServer, uvicorn_config
+        from gateway.settings import load_settings
+
+        settings = load_settings()
+        configure_logging(settings.log_level)
+        config = uvicorn_config(create_app(settings), settings)
+        config.host, config.port, config.loop, config.http = HOST, port, "asyncio", "h11"
+        GatewayServer(config, drain_delay=0).run()
+        return
 
     app: Any = upstream_app if role == "upstream" else PassthroughProxy(upstream or "")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -356,12 +374,13 @@ def _short(frame: str) -> str:
 
 
 @contextlib.contextmanager
-def server(role: str, workdir: Path, upstream: str | None = None) -> Any:
+def server(role: str, workdir: Path, upstream: str | None = None, env: dict[str, str] | None = None) -> Any:
     port = free_port()
     argv = [sys.executable, os.path.abspath(__file__), "--role", role, "--port", str(port)]
     if upstream:
         argv += ["--upstream", upstream]
-    process = ManagedProcess(name=role, argv=argv, log_path=workdir / f"{role}.log")
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("GATEWAY_")} | (env or {})
+    process = ManagedProcess(name=role, argv=argv, log_path=workdir / f"{role}.log", env=environment)
     try:
         process.wait_http_ok(f"http://{HOST}:{port}/health", timeout=START_TIMEOUT_S)
         yield process, f"http://{HOST}:{port}"
@@ -436,6 +455,13 @@ def main_orchestrator(args: argparse.Namespace) -> int:
                     running_gateway(workdir, NO_LOG_TARGET, settings | {"GATEWAY_ACCESS_LOG": "false"})
                 )
                 urls[NO_LOG_TARGET], pids[NO_LOG_TARGET] = no_log_url, no_log.pid
+            if args.server_variants:
+                workers, workers_url = stack.enter_context(
+                    running_gateway(workdir, WORKERS_TARGET, settings | {"GATEWAY_WORKERS": "2"})
+                )
+                urls[WORKERS_TARGET], pids[WORKERS_TARGET] = workers_url, workers.pid
+                plain, plain_url = stack.enter_context(server("gateway-asyncio", workdir, env=settings))
+                urls[ASYNCIO_TARGET], pids[ASYNCIO_TARGET] = plain_url, plain.pid
             check_targets(urls, token)
             targets = list(urls)
             order: list[str] = []
@@ -445,11 +471,12 @@ def main_orchestrator(args: argparse.Namespace) -> int:
                 url = urls[target] + LOAD_PATH
                 log(f"[{i}/{len(order)}] {target}: {args.warmup:g} s warm-up + {args.duration:g} s ...")
                 run_wrk(url, script, threads=args.threads, connections=args.connections, duration=args.warmup)
-                cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                # Each server leads its own process group: `serve --workers 2` is summed over its processes.
+                cpu_before = {name: group_cpu_seconds(pid) for name, pid in pids.items()}
                 result = run_wrk(
                     url, script, threads=args.threads, connections=args.connections, duration=args.duration
                 )
-                cpu_after = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                cpu_after = {name: group_cpu_seconds(pid) for name, pid in pids.items()}
                 cpu_pct = {name: round(100 * (cpu_after[name] - cpu_before[name]) / args.duration, 1) for name in pids}
                 result["target"] = target
                 result["cpu_pct"] = cpu_pct
@@ -473,7 +500,8 @@ def main_orchestrator(args: argparse.Namespace) -> int:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    measured = [target for target in (*TARGETS, NO_LOG_TARGET) if any(r["target"] == target for r in runs)]
+    every_target = (*TARGETS, NO_LOG_TARGET, WORKERS_TARGET, ASYNCIO_TARGET)
+    measured = [target for target in every_target if any(r["target"] == target for r in runs)]
     summary = {target: summarize([r for r in runs if r["target"] == target]) for target in measured}
     g, p = summary["gateway"], summary["passthrough"]
     report = {
@@ -498,6 +526,14 @@ def main_orchestrator(args: argparse.Namespace) -> int:
             if NO_LOG_TARGET in summary
             else None
         ),
+        "server_variants_over_gateway": {
+            variant: {
+                "rps": ratio(summary[variant]["rps_median"], g["rps_median"]),
+                "cpu_per_req": ratio(summary[variant]["cpu_us_per_req_median"], g["cpu_us_per_req_median"]),
+            }
+            for variant in (WORKERS_TARGET, ASYNCIO_TARGET)
+            if variant in summary
+        },
         "targets": {
             "gateway_at_least_0_8_of_passthrough": (ratio(g["rps_median"], p["rps_median"]) or 0) >= TARGET_RATIO,
             "gateway_at_least_2000_rps_per_worker": g["rps_median"] >= TARGET_RPS_PER_WORKER,
@@ -517,14 +553,14 @@ def print_report(summary: dict[str, Any], report: dict[str, Any], args: argparse
     )
     print()
     header = (
-        f"{'target':<12} {'median req/s':>12} {'best req/s':>10} {'p50 ms':>8} {'p99 ms':>8}"
+        f"{'target':<22} {'median req/s':>12} {'best req/s':>10} {'p50 ms':>8} {'p99 ms':>8}"
         f" {'CPU us/req':>10} {'errors':>6}"
     )
     print(header)
     print("-" * len(header))
     for target, s in summary.items():
         print(
-            f"{target:<12} {s['rps_median']:>12.0f} {s['rps_best']:>10.0f} {s['p50_ms_median']:>8.2f}"
+            f"{target:<22} {s['rps_median']:>12.0f} {s['rps_best']:>10.0f} {s['p50_ms_median']:>8.2f}"
             f" {s['p99_ms_median']:>8.2f} {s['cpu_us_per_req_median'] or '-':>10} {s['errors']:>6}"
         )
     print()
@@ -539,6 +575,8 @@ def print_report(summary: dict[str, Any], report: dict[str, Any], args: argparse
             f"{NO_LOG_TARGET} / passthrough: {report['ratio_gateway_no_access_log_over_passthrough']} (median req/s), "
             f"CPU per request {report['ratio_cpu_per_req_gateway_no_access_log_over_passthrough']}x"
         )
+    for variant, ratios in report["server_variants_over_gateway"].items():
+        print(f"{variant} / gateway: {ratios['rps']} (median req/s), CPU per request {ratios['cpu_per_req']}x")
     profile = report["profile"]
     if profile:
         print()
@@ -579,7 +617,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"also measure the gateway with its access log off ({NO_LOG_TARGET})",
     )
     parser.add_argument(
-        "--role", choices=("orchestrator", "upstream", "passthrough"), default="orchestrator", help=argparse.SUPPRESS
+        "--server-variants",
+        action="store_true",
+        help=f"also measure {WORKERS_TARGET} (serve --workers 2) and {ASYNCIO_TARGET} (asyncio + h11 instead of "
+        "uvloop + httptools)",
+    )
+    parser.add_argument(
+        "--role",
+        choices=("orchestrator", "upstream", "passthrough", "gateway-asyncio"),
+        default="orchestrator",
+        help=argparse.SUPPRESS,
     )
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", help=argparse.SUPPRESS)
