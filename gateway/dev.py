@@ -580,6 +580,7 @@ def run_dev(*, port: int = 5000, data_dir: Path, jwt_secret: str | None = None) 
 
     from gateway.app import create_app
     from gateway.observability import configure_logging
+    from gateway.serving import return_large_buffers_to_the_os
     from gateway.settings import load_settings
 
     if not _port_available(port):  # fail now rather than after MLflow's start-up
@@ -609,6 +610,7 @@ def run_dev(*, port: int = 5000, data_dir: Path, jwt_secret: str | None = None) 
             os.environ.update({key: value for key, value in gateway_env.items() if not key.startswith("GATEWAY_")})
             settings = load_settings(env=gateway_env, overrides={"host": "127.0.0.1", "port": port})
             configure_logging(settings.log_level)
+            return_large_buffers_to_the_os()
             config = uvicorn.Config(
                 create_app(settings),
                 host="127.0.0.1",

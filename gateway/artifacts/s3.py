@@ -25,6 +25,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from gateway.errors import BadRequest, GatewayError, NotFound, UpstreamTimeout, UpstreamUnavailable
 
 PART_SIZE = 8 * 1024 * 1024
+# Parts of one upload sent to S3 at the same time (each holds PART_SIZE bytes of memory while in flight).
+PARTS_IN_FLIGHT = 3
 DOWNLOAD_CHUNK = 1024 * 1024
 MAX_PARTS = 10_000
 _MISSING = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
@@ -89,12 +91,14 @@ class ArtifactStore:
         region: str | None = None,
         presign_ttl_seconds: int = 300,
         part_size: int = PART_SIZE,
+        parts_in_flight: int = PARTS_IN_FLIGHT,
         connect_timeout: float = 60.0,
         read_timeout: float = 60.0,
     ) -> None:
         self.bucket, self.prefix = parse_destination(destination)
         self.presign_ttl_seconds = presign_ttl_seconds
         self.part_size = part_size
+        self.parts_in_flight = max(1, parts_in_flight)
         # The gateway's upstream timeouts apply to S3 too (per attempt; a streamed download that stalls
         # for read_timeout seconds is cut off), so no artifact transfer hangs indefinitely.
         config = Config(
@@ -186,17 +190,18 @@ class ArtifactStore:
     # -- writes -------------------------------------------------------------------------------------
 
     async def upload(self, path: str, chunks: AsyncIterator[bytes], *, content_type: str) -> int:
-        """Store a streamed body; returns its size. Bounded memory: at most two parts are buffered.
+        """Store a streamed body; returns its size. Bounded memory: at most ``parts_in_flight`` + 1 parts.
 
-        Each full part is sent to S3 in the background while the next one is read from the client, so
-        the transfer time is not the sum of both. If ``chunks`` raises (client disconnect, size
-        limit), a started multipart upload is aborted, so nothing is left behind as a complete object.
+        Full parts are sent to S3 in the background, up to ``parts_in_flight`` at a time, while the next
+        one is read from the client, so the transfer time is not the sum of both and S3 is kept busy.
+        If ``chunks`` raises (client disconnect, size limit), a started multipart upload is aborted,
+        so nothing is left behind as a complete object.
         """
         key = self.key(path)
         buffer = bytearray()
         upload_id: str | None = None
+        pending: list[asyncio.Task[dict[str, Any]]] = []  # in part-number order
         parts: list[dict[str, Any]] = []
-        pending: asyncio.Task[dict[str, Any]] | None = None
         total = 0
         try:
             async for chunk in chunks:
@@ -210,18 +215,18 @@ class ArtifactStore:
                         upload_id = created["UploadId"]
                     part = bytes(memoryview(buffer)[: self.part_size])
                     del buffer[: self.part_size]
-                    if pending is not None:
-                        parts.append(await pending)
-                    number = len(parts) + 1
-                    pending = asyncio.create_task(self._upload_part(key, upload_id, number, part))
+                    if len(pending) >= self.parts_in_flight:
+                        parts.append(await pending.pop(0))
+                    number = len(parts) + len(pending) + 1
+                    pending.append(asyncio.create_task(self._upload_part(key, upload_id, number, part)))
             if upload_id is None:
                 await self._call(
                     self._client.put_object, Bucket=self.bucket, Key=key, Body=bytes(buffer), ContentType=content_type
                 )
                 return total
-            if pending is not None:
-                parts.append(await pending)
-                pending = None
+            while pending:
+                parts.append(await pending[0])
+                pending.pop(0)
             if buffer:
                 parts.append(await self._upload_part(key, upload_id, len(parts) + 1, bytes(buffer)))
             await self._call(
@@ -233,10 +238,11 @@ class ArtifactStore:
             )
             return total
         except BaseException:
-            if pending is not None:
-                pending.cancel()
+            for task in pending:
+                task.cancel()
+            for task in pending:
                 with contextlib.suppress(BaseException):
-                    await pending
+                    await task
             if upload_id is not None:
                 await asyncio.shield(self._abort_quietly(key, upload_id))
             raise

@@ -9,7 +9,9 @@ upload aborts the S3 multipart upload, so no partial object is ever left behind.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
 import os
 import posixpath
 import socket
@@ -1067,12 +1069,22 @@ class SpyStore(ArtifactStore):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.operations: list[str] = []
+        self.parts_sending = 0
+        self.most_parts_sending = 0  # the most upload_part calls that were running at one time
+        self.part_delay = 0.0  # seconds each upload_part takes longer (an S3 slower than the client)
 
     async def _call(self, function: Callable[..., Any], /, **kwargs: Any) -> Any:
+        name = getattr(function, "__name__", repr(function))
+        if name == "upload_part":
+            self.parts_sending += 1
+            self.most_parts_sending = max(self.most_parts_sending, self.parts_sending)
         try:
+            if name == "upload_part" and self.part_delay:
+                await asyncio.sleep(self.part_delay)
             return await super()._call(function, **kwargs)
         finally:
-            self.operations.append(getattr(function, "__name__", repr(function)))
+            self.parts_sending -= name == "upload_part"
+            self.operations.append(name)
 
 
 @dataclass
@@ -1167,6 +1179,25 @@ def test_large_upload_round_trip_through_real_store(
     }
     assert gateway.handle.client.delete(f"{ARTIFACTS}/{path}", headers=ACME).status_code == 200
     assert not gateway.exists(path)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_upload_parts_go_to_s3_several_at_a_time_and_arrive_in_order(
+    s3_gateway: Callable[..., S3Gateway], world: World
+) -> None:
+    gateway = s3_gateway()
+    gateway.store.parts_in_flight = 3
+    gateway.store.part_delay = 0.3  # parts pile up behind a slow S3, as they do behind a real one
+    # 8 parts, each its own pattern: a part sent under the wrong number would change the object.
+    data = b"".join(bytes([number]) * PART for number in range(1, 9)) + b"tail"
+    path = f"{world.run_root}/parallel.bin"
+    response = gateway.handle.client.put(f"{ARTIFACTS}/{path}", content=data, headers=ACME, timeout=120)
+    assert response.status_code == 200, response.text
+    assert gateway.store.operations.count("upload_part") == 9
+    assert gateway.store.most_parts_sending == 3  # several at once, never more than allowed
+    stored = gateway.s3.get_object(Bucket="bucket", Key=f"artifacts/{path}")["Body"].read()
+    assert hashlib.sha256(stored).hexdigest() == hashlib.sha256(data).hexdigest()
+    assert gateway.open_uploads() == []
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
