@@ -57,7 +57,7 @@ test: install client2 system-deps lint
 
 # Benchmarks (bench/README.md, figures in bench/RESULTS.md). `make bench` runs the quick version of each (about
 # 6 minutes); the bench-* targets run the full ones, with BENCH_ARGS passed on (e.g. BENCH_ARGS="--rounds 5").
-.PHONY: bench-deps bench-passthrough bench-tracking bench-overhead bench-scale
+.PHONY: bench-deps bench-passthrough bench-tracking bench-overhead bench-inprocess bench-scale
 
 # wrk drives bench/overhead.py: Debian's package, installed when missing and root (like system-deps).
 bench-deps:
@@ -70,6 +70,7 @@ bench: install bench-deps
 	$(BIN)/python bench/passthrough.py --quick
 	$(BIN)/python bench/tracking.py --quick
 	$(BIN)/python bench/overhead.py --quick
+	$(BIN)/python bench/inprocess.py --quick
 	$(BIN)/python bench/scale.py --quick
 	$(BIN)/python bench/artifacts.py --quick
 
@@ -81,6 +82,9 @@ bench-tracking: install
 
 bench-overhead: install bench-deps
 	$(BIN)/python bench/overhead.py $(BENCH_ARGS)
+
+bench-inprocess: install
+	$(BIN)/python bench/inprocess.py $(BENCH_ARGS)
 
 bench-scale: install
 	$(BIN)/python bench/scale.py $(BENCH_ARGS)
