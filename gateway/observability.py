@@ -285,6 +285,8 @@ class ObservabilityMiddleware:
         async def send_and_release(message: Message) -> None:
             if message["type"] == "lifespan.shutdown.complete":
                 self.metrics.process_exiting()
+                for handler in _gateway_logger.handlers:
+                    handler.flush()  # the access lines still waiting for their batch
             await send(message)
 
         return send_and_release

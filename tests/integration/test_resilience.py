@@ -429,6 +429,10 @@ def test_sigterm_drains_in_flight_requests_then_exits(
         assert results == [200, 200, 200, 200]
         wait_for(lambda: not gateway.process.is_running(), timeout=10, message="gateway exit within the grace")
         assert gateway.process.returncode == 0
+    # Access lines are written in batches: the ones still waiting at shutdown are written before the exit.
+    lines = (tmp_path / "gateway-sigterm.log").read_text(encoding="utf-8").splitlines()
+    creates = [line for line in lines if '"route":"/api/2.0/mlflow/experiments/create"' in line]
+    assert len(creates) == 4 and all('"status":200' in line for line in creates), creates
 
 
 # -- serve --workers 2 ---------------------------------------------------------------------------------
