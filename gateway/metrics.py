@@ -91,7 +91,7 @@ class _PendingHistogram:
 
     def apply(self, child: Any) -> None:
         """Add these observations to a prometheus-client histogram child, as its observe() would."""
-        # Private attributes of prometheus-client's Histogram (stable since 0.4; tests/unit/test_metrics.py
+        # Private attributes of prometheus-client's Histogram (stable for years; tests/unit/test_observability.py
         # checks that the result equals calling observe()): it has no public way to add many observations.
         for bucket, count in zip(child._buckets, self.counts, strict=True):
             if count:

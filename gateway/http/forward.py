@@ -110,7 +110,7 @@ def _response_headers(upstream: Iterable[tuple[bytes, bytes]]) -> tuple[list[tup
         if name == b"content-length":
             length = value
             continue
-        if name == b"content-type":
+        if name == b"content-type" and not content_type:  # the first one, as a client would read it
             content_type = value
         if name in _RETURNED_RESPONSE_HEADERS:
             headers.append((name, value))
