@@ -1187,7 +1187,7 @@ def test_upload_parts_go_to_s3_several_at_a_time_and_arrive_in_order(
 ) -> None:
     gateway = s3_gateway()
     gateway.store.parts_in_flight = 3
-    gateway.store.part_delay = 0.3  # parts pile up behind a slow S3, as they do behind a real one
+    gateway.store.part_delay = 1.0  # parts pile up behind a slow S3, as they do behind a real one
     # 8 parts, each its own pattern: a part sent under the wrong number would change the object.
     data = b"".join(bytes([number]) * PART for number in range(1, 9)) + b"tail"
     path = f"{world.run_root}/parallel.bin"
