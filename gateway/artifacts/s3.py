@@ -1,7 +1,9 @@
 """The gateway's own S3 access (boto3, SigV4): streaming both ways, listing, presigning, multipart.
 
-boto3 is synchronous: every call runs in a worker thread, one chunk or part at a time, so memory stays
-bounded whatever the object size (one part buffer per upload, one chunk per download). Uploads larger
+boto3 is synchronous: every call runs in a worker thread of the store's own pool (``S3_THREADS``, with as
+many pooled S3 connections), never asyncio's small default pool, so a few large uploads cannot hold up
+every other S3 call. Memory stays bounded whatever the object size (a few part buffers per upload, one
+chunk per download). Uploads larger
 than one part go through S3 multipart upload and are aborted on any failure or client disconnect, so a
 partial object never becomes visible as complete.
 """
@@ -10,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import mimetypes
 import os
 import posixpath
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -27,6 +31,8 @@ from gateway.errors import BadRequest, GatewayError, NotFound, UpstreamTimeout, 
 PART_SIZE = 8 * 1024 * 1024
 # Parts of one upload sent to S3 at the same time (each holds PART_SIZE bytes of memory while in flight).
 PARTS_IN_FLIGHT = 3
+# Threads (and pooled connections) for S3 calls: uploads hold PARTS_IN_FLIGHT each while in flight.
+S3_THREADS = 32
 DOWNLOAD_CHUNK = 1024 * 1024
 MAX_PARTS = 10_000
 _MISSING = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
@@ -102,6 +108,7 @@ class ArtifactStore:
         # The gateway's upstream timeouts apply to S3 too (per attempt; a streamed download that stalls
         # for read_timeout seconds is cut off), so no artifact transfer hangs indefinitely.
         config = Config(
+            max_pool_connections=S3_THREADS,
             signature_version="s3v4",
             retries={"max_attempts": 3, "mode": "standard"},
             connect_timeout=connect_timeout,
@@ -111,6 +118,7 @@ class ArtifactStore:
         if region:
             options["region_name"] = region
         self._client = boto3.client("s3", endpoint_url=endpoint_url, **options)
+        self._threads = ThreadPoolExecutor(max_workers=S3_THREADS, thread_name_prefix="gateway-s3")
         # Presigned URLs name the host the *client* reaches, which may differ from the gateway's.
         self._signer = (
             boto3.client("s3", endpoint_url=public_endpoint_url, **options)
@@ -126,7 +134,9 @@ class ArtifactStore:
 
     async def _call(self, function: Callable[..., T], /, **kwargs: Any) -> T:
         try:
-            return await asyncio.to_thread(function, **kwargs)
+            return await asyncio.get_running_loop().run_in_executor(
+                self._threads, functools.partial(function, **kwargs)
+            )
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in _MISSING:

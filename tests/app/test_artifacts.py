@@ -16,6 +16,7 @@ import os
 import posixpath
 import socket
 import struct
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -1072,16 +1073,25 @@ class SpyStore(ArtifactStore):
         self.parts_sending = 0
         self.most_parts_sending = 0  # the most upload_part calls that were running at one time
         self.part_delay = 0.0  # seconds each upload_part takes longer (an S3 slower than the client)
+        self.part_block = 0.0  # seconds each upload_part holds its worker thread before it runs
+        self.threads: set[str] = set()  # names of the threads that ran S3 calls
 
     async def _call(self, function: Callable[..., Any], /, **kwargs: Any) -> Any:
         name = getattr(function, "__name__", repr(function))
         if name == "upload_part":
             self.parts_sending += 1
             self.most_parts_sending = max(self.most_parts_sending, self.parts_sending)
+        block = self.part_block if name == "upload_part" else 0.0
+
+        def in_thread(**arguments: Any) -> Any:
+            self.threads.add(threading.current_thread().name)
+            time.sleep(block)
+            return function(**arguments)
+
         try:
             if name == "upload_part" and self.part_delay:
                 await asyncio.sleep(self.part_delay)
-            return await super()._call(function, **kwargs)
+            return await super()._call(in_thread, **kwargs)
         finally:
             self.parts_sending -= name == "upload_part"
             self.operations.append(name)
@@ -1198,6 +1208,34 @@ def test_upload_parts_go_to_s3_several_at_a_time_and_arrive_in_order(
     stored = gateway.s3.get_object(Bucket="bucket", Key=f"artifacts/{path}")["Body"].read()
     assert hashlib.sha256(stored).hexdigest() == hashlib.sha256(data).hexdigest()
     assert gateway.open_uploads() == []
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_s3_calls_have_their_own_threads_so_busy_uploads_do_not_hold_up_downloads(
+    s3_gateway: Callable[..., S3Gateway], world: World
+) -> None:
+    gateway = s3_gateway()
+    small = f"{world.run_root}/small.txt"
+    assert gateway.handle.client.put(f"{ARTIFACTS}/{small}", content=b"small", headers=ACME).status_code == 200
+    gateway.store.parts_in_flight = 8
+    gateway.store.part_block = 3.0  # 8 parts each hold a thread: more than asyncio's default pool has on 2 cores
+    upload_status: list[int] = []
+
+    def upload() -> None:
+        data = b"u" * (9 * PART)
+        response = gateway.handle.client.put(f"{ARTIFACTS}/{world.run_root}/big.bin", content=data, headers=ACME)
+        upload_status.append(response.status_code)
+
+    uploader = threading.Thread(target=upload)
+    uploader.start()
+    assert _wait_for(lambda: gateway.store.parts_sending >= 8), gateway.store.parts_sending
+    response = gateway.handle.client.get(f"{ARTIFACTS}/{small}", headers=ACME)
+    still_sending = gateway.store.parts_sending
+    assert response.status_code == 200 and response.content == b"small"
+    assert still_sending >= 8  # the download was served while every part still held its thread
+    uploader.join(timeout=60)
+    assert upload_status == [200]
+    assert gateway.store.threads and all(name.startswith("gateway-s3") for name in gateway.store.threads)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
