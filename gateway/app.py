@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.artifacts.s3 import ArtifactStore, store_from_environment
 from gateway.auth.jwt import Authenticator
@@ -38,7 +38,7 @@ from gateway.http.upstream import UpstreamClient, request_headers
 from gateway.limits import rate_limit_middleware, refuse_declared_oversize
 from gateway.metrics import GatewayMetrics, MetricsEndpoint
 from gateway.middleware import AuthenticationMiddleware, read_body, send_error
-from gateway.observability import ObservabilityMiddleware, RequestRecord, audit, current_request, set_route
+from gateway.observability import ObservabilityMiddleware, audit, current_request, set_route
 from gateway.policy.core import Access, Body, Deny, Exchange, Local, Policy, Served, Services
 from gateway.policy.ownership import Ownership
 from gateway.policy.router import RouteTable
@@ -121,9 +121,7 @@ class Gateway:
         state = scope.setdefault("state", {})
         request_id: str = state.get("request_id", "-")
         record = current_request()
-        if record is None:  # served without the observability layer (tests of the bare pipeline)
-            record = RequestRecord(request_id, scope["method"], scope["path"], 0.0)
-            send = _recording_status(send, record)
+        assert record is not None, "the pipeline runs inside ObservabilityMiddleware (create_app)"
         try:
             await self._handle(scope, receive, send, request_id)
         except GatewayError as error:
@@ -232,15 +230,6 @@ class Gateway:
             }
         )
         await send({"type": "http.response.body", "body": body})
-
-
-def _recording_status(send: Send, record: RequestRecord) -> Send:
-    async def recording_send(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            record.status = message["status"]
-        await send(message)
-
-    return recording_send
 
 
 def _platform_admin_view(

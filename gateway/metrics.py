@@ -172,15 +172,13 @@ class GatewayMetrics:
         self._requests: dict[tuple[str, str, str, int], int] = {}
         self._durations: dict[str, _PendingHistogram] = {}
         self._upstream = _PendingHistogram()
-        self._upstream_pending = False
         self._cache: dict[tuple[str, bool], int] = {}
         self._flush_timer: asyncio.TimerHandle | None = None
 
     def request_started(self) -> None:
         """One more request in flight."""
         self.in_flight_now += 1
-        if self.multiprocess and self._flush_timer is None:
-            self._schedule_flush()
+        self._flush_later()
 
     def request_finished(self) -> None:
         """One request fewer in flight."""
@@ -194,13 +192,11 @@ class GatewayMetrics:
         if pending is None:
             pending = self._durations[route] = _PendingHistogram()
         pending.observe(seconds)
-        if self.multiprocess and self._flush_timer is None:
-            self._schedule_flush()
+        self._flush_later()
 
     def upstream_call(self, seconds: float) -> None:
         """Count one upstream call: the time until its response headers arrived (or it failed)."""
         self._upstream.observe(seconds)
-        self._upstream_pending = True
 
     def cache_lookup(self, cache: str, hit: bool) -> None:
         """Count one ownership-cache look-up."""
@@ -218,8 +214,8 @@ class GatewayMetrics:
         durations, self._durations = self._durations, {}
         for route, pending in durations.items():
             pending.apply(self.request_duration.labels(route))
-        if self._upstream_pending:
-            upstream, self._upstream, self._upstream_pending = self._upstream, _PendingHistogram(), False
+        if any(self._upstream.counts):
+            upstream, self._upstream = self._upstream, _PendingHistogram()
             upstream.apply(self.upstream_duration)
         cache, self._cache = self._cache, {}
         for (name, hit), count in cache.items():
@@ -228,7 +224,10 @@ class GatewayMetrics:
             self.in_flight.set(self.in_flight_now)
             self._in_flight_flushed = self.in_flight_now
 
-    def _schedule_flush(self) -> None:
+    def _flush_later(self) -> None:
+        """Multiprocess mode: have a flush due within FLUSH_INTERVAL_SECONDS (another worker may answer the scrape)."""
+        if not self.multiprocess or self._flush_timer is not None:
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # not in an event loop: nothing would run a timer

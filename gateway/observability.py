@@ -325,9 +325,13 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         return True
 
     def _flush_soon(self) -> None:
+        self._timer = None  # only the event loop's thread touches the timer
+        self._write_waiting()
+
+    def _write_waiting(self) -> None:
+        """Write the collected lines now, under the handler's lock."""
         self.acquire()
         try:
-            self._timer = None
             self._write_pending()
         finally:
             self.release()
@@ -345,19 +349,11 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         return True
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.acquire()
-        try:
-            self._write_pending()
-        finally:
-            self.release()
+        self._write_waiting()
         super().emit(record)
 
     def flush(self) -> None:
-        self.acquire()
-        try:
-            self._write_pending()
-        finally:
-            self.release()
+        self._write_waiting()
         super().flush()
 
 

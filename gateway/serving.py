@@ -155,9 +155,9 @@ def freeze_startup_objects() -> None:
 
 def serve(settings: Settings) -> int:
     """Run the gateway until SIGTERM/SIGINT, in one process or ``settings.workers`` worker processes."""
-    return_large_buffers_to_the_os()
     if settings.workers > 1:
-        return _supervise(settings)
+        return _supervise(settings)  # each worker applies it itself: the supervisor serves nothing
+    return_large_buffers_to_the_os()
     server = GatewayServer(uvicorn_config(create_app(settings), settings), drain_delay=settings.drain_delay_seconds)
     server.run()
     return 0 if server.started else 1
