@@ -61,6 +61,7 @@ from common import cpu_seconds, exit_on_sigterm, group_cpu_seconds, log, machine
 
 from gateway.auth.jwt import mint_token
 from gateway.dev import ManagedProcess, free_port
+from gateway.http.forward import WHOLE_BODY_BYTES
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -204,6 +205,12 @@ class PassthroughProxy:
             return
         try:
             out = [(k.lower(), v) for k, v in response.headers if k.lower() in (b"content-type", b"content-length")]
+            length = next((v for k, v in out if k == b"content-length"), b"")
+            if length.isdigit() and int(length) <= WHOLE_BODY_BYTES:  # relayed as the gateway relays it
+                whole = await response.read()
+                await send({"type": "http.response.start", "status": response.status, "headers": out})
+                await send({"type": "http.response.body", "body": whole})
+                return
             await send({"type": "http.response.start", "status": response.status, "headers": out})
             async for chunk in response.iter_chunks():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})

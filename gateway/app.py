@@ -34,7 +34,7 @@ from gateway.http.canonical import (
     parse_query,
 )
 from gateway.http.forward import encode_query, quote_path, send_upstream_response, upstream_headers
-from gateway.http.upstream import UpstreamClient, request_headers
+from gateway.http.upstream import UpstreamClient
 from gateway.limits import rate_limit_middleware, refuse_declared_oversize
 from gateway.metrics import GatewayMetrics, MetricsEndpoint
 from gateway.middleware import AuthenticationMiddleware, read_body, send_error
@@ -184,8 +184,6 @@ class Gateway:
             raw_body=raw_body if action.body is Body.RAW else b"",
             raw_headers=scope["headers"],
         )
-        client = scope.get("client")
-        request_headers.set({"x-request-id": request_id, "x-forwarded-for": client[0] if client else "unknown"})
         if isinstance(action, Served):
             await action.handler(ex, receive, send)
             return

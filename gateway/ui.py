@@ -147,15 +147,14 @@ class UiMiddleware:
             await (self._oidc_start(scope, send) if path == LOGIN_START_PATH else self._oidc_callback(scope, send))
             return
         cookie = _session_cookie(scope["headers"]) if self.codec is not None else None
-        has_authorization = any(key == b"authorization" for key, _ in scope["headers"])
         is_index = path == "/" and method == "GET"
         if cookie is None:
-            if is_index and not has_authorization:
+            if is_index and not _has_authorization(scope["headers"]):
                 await self._redirect(send, LOGIN_PATH)
                 return
             await self.app(scope, receive, send)
             return
-        if has_authorization:
+        if _has_authorization(scope["headers"]):
             raise BadRequest("Send either the session cookie or an Authorization header, not both")
         assert self.codec is not None
         try:
@@ -419,6 +418,10 @@ def _cookie_value(headers: Iterable[tuple[bytes, bytes]], cookie: str) -> str | 
 def _cookie_names(headers: Iterable[tuple[bytes, bytes]]) -> set[str]:
     """The names of the cookies a request carries."""
     return {pair.strip().partition("=")[0] for header in _values(headers, b"cookie") for pair in header.split(";")}
+
+
+def _has_authorization(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(key == b"authorization" for key, _ in headers)
 
 
 def _session_cookie(headers: list[tuple[bytes, bytes]]) -> str | None:

@@ -18,27 +18,19 @@ PUT and DELETE be retried; MLflow's handlers are not written to be, so the gatew
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 
 import aiohttp
 import orjson
 from yarl import URL
 
 from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from gateway.observability import note_upstream, note_upstream_error
+from gateway.observability import current_request, note_upstream, note_upstream_error
 
 CHUNK_SIZE = 64 * 1024
 RETRIED_METHODS = frozenset({"GET", "HEAD"})
-
-# Headers that tie the gateway's own upstream calls (ownership look-ups) to the client request
-# being served: its request id and forwarded-for. Set once per request by the pipeline.
-request_headers: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
-    "request_headers", default=MappingProxyType({})
-)
 
 
 @dataclass
@@ -133,7 +125,12 @@ class UpstreamClient:
         while True:
             try:
                 response = await self._session.request(
-                    method, url, headers=dict(headers), data=body, allow_redirects=False, compress=None
+                    method,
+                    url,
+                    headers=headers if type(headers) is dict else dict(headers),
+                    data=body,
+                    allow_redirects=False,
+                    compress=None,
                 )
                 break
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -153,7 +150,10 @@ class UpstreamClient:
         The current request's id and forwarded-for headers are added, so MLflow's logs tie the call
         to the client request that caused it.
         """
-        response = await self.send(method, path_and_query, headers={**request_headers.get(), **headers}, body=body)
+        record = current_request()
+        if record is not None:
+            headers = {"x-request-id": record.request_id, "x-forwarded-for": record.client, **headers}
+        response = await self.send(method, path_and_query, headers=headers, body=body)
         raw = await response.read()
         try:
             return response.status, orjson.loads(raw) if raw else {}
