@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ from gateway.errors import NotFound
 from gateway.metrics import GatewayMetrics, MetricsEndpoint
 from gateway.observability import (
     current_request,
+    new_request_id,
     note_artifact_bytes,
     note_error,
     note_upstream,
@@ -343,3 +345,23 @@ def test_a_crashed_workers_in_flight_gauge_is_dropped(tmp_path: Path) -> None:
     outputs = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in result.stdout.splitlines()}
     assert Scrape.parse(outputs["BEFORE"].replace("|", "\n")).value("gateway_in_flight_requests") == 1
     assert Scrape.parse(outputs["AFTER"].replace("|", "\n")).value("gateway_in_flight_requests") == 0
+
+
+def test_generated_request_ids_are_uuid_shaped_unique_and_differ_in_a_forked_child() -> None:
+    ids = [new_request_id() for _ in range(10_000)]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", request_id) for request_id in ids)
+    assert len(set(ids)) == len(ids)
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a process of its own must not repeat the parent's ids
+        os.close(reader)
+        os.write(writer, new_request_id().encode())
+        os._exit(0)
+    os.close(writer)
+    child_id = os.read(reader, 64).decode()
+    os.close(reader)
+    os.waitpid(pid, 0)
+    parent_next = new_request_id()
+    assert re.fullmatch(r"[0-9a-f]{32}", child_id)
+    assert child_id[:16] != parent_next[:16]  # another random prefix, not the parent's counter continued
+    assert child_id not in ids and child_id != parent_next
