@@ -57,20 +57,22 @@ test: install client2 system-deps lint
 
 # Benchmarks (bench/README.md, figures in bench/RESULTS.md). `make bench` runs the quick version of each (about
 # 6 minutes); the bench-* targets run the full ones, with BENCH_ARGS passed on (e.g. BENCH_ARGS="--rounds 5").
-.PHONY: bench-deps bench-passthrough bench-tracking bench-overhead bench-inprocess bench-scale
+.PHONY: bench-deps bench-passthrough bench-tracking bench-overhead bench-inprocess bench-instructions bench-scale
 
-# wrk drives bench/overhead.py: Debian's package, installed when missing and root (like system-deps).
+# wrk drives bench/overhead.py, valgrind bench/instructions.py: Debian's packages, installed when missing and root
+# (like system-deps).
 bench-deps:
-	@if command -v wrk >/dev/null 2>&1; then :; \
+	@if command -v wrk >/dev/null 2>&1 && command -v callgrind_control >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y wrk; \
-	else echo "error: wrk is missing and cannot be installed (not root or no apt-get)"; exit 1; fi
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y wrk valgrind; \
+	else echo "error: wrk or valgrind is missing and cannot be installed (not root or no apt-get)"; exit 1; fi
 
 bench: install bench-deps
 	$(BIN)/python bench/passthrough.py --quick
 	$(BIN)/python bench/tracking.py --quick
 	$(BIN)/python bench/overhead.py --quick
 	$(BIN)/python bench/inprocess.py --quick
+	$(BIN)/python bench/instructions.py --quick
 	$(BIN)/python bench/scale.py --quick
 	$(BIN)/python bench/artifacts.py --quick
 
@@ -85,6 +87,9 @@ bench-overhead: install bench-deps
 
 bench-inprocess: install
 	$(BIN)/python bench/inprocess.py $(BENCH_ARGS)
+
+bench-instructions: install bench-deps
+	$(BIN)/python bench/instructions.py $(BENCH_ARGS)
 
 bench-scale: install
 	$(BIN)/python bench/scale.py $(BENCH_ARGS)

@@ -172,10 +172,13 @@ async def upstream_app(scope: Scope, receive: Receive, send: Send) -> None:
 class PassthroughProxy:
     """A bare passthrough on the gateway's stack: pure ASGI + the gateway's UpstreamClient; no auth, no policy."""
 
-    def __init__(self, upstream_url: str) -> None:
+    def __init__(self, upstream_url: str, *, gateway_headers: bool = False) -> None:
         from gateway.http.upstream import UpstreamClient
 
         self.upstream = UpstreamClient(upstream_url)
+        # bench/instructions.py: the headers the gateway adds (upstream: forwarded-for/proto, a request id;
+        # response: the security headers and the request id), to tell their cost from the policy's.
+        self.gateway_headers = gateway_headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -198,6 +201,15 @@ class PassthroughProxy:
             target += "?" + scope["query_string"].decode("latin-1")
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in FORWARD_HEADERS}
         headers["accept-encoding"] = "identity"
+        added: list[tuple[bytes, bytes]] = []
+        if self.gateway_headers:
+            from gateway.observability import REQUEST_ID_HEADER, SECURITY_HEADERS, new_request_id
+
+            client = scope.get("client")
+            headers["x-forwarded-for"] = client[0] if client else "unknown"
+            headers["x-forwarded-proto"] = scope.get("scheme", "http")
+            headers["x-request-id"] = request_id = new_request_id()
+            added = [*SECURITY_HEADERS, (REQUEST_ID_HEADER, request_id.encode())]
         try:
             response = await self.upstream.send(scope["method"], target, headers=headers, body=body or None)
         except GatewayError:
@@ -205,6 +217,7 @@ class PassthroughProxy:
             return
         try:
             out = [(k.lower(), v) for k, v in response.headers if k.lower() in (b"content-type", b"content-length")]
+            out += added
             length = next((v for k, v in out if k == b"content-length"), b"")
             if length.isdigit() and int(length) <= WHOLE_BODY_BYTES:  # relayed as the gateway relays it
                 whole = await response.read()
@@ -237,7 +250,11 @@ def serve(role: str, port: int, upstream: str | None) -> None:
         GatewayServer(config, drain_delay=0).run()
         return
 
-    app: Any = upstream_app if role == "upstream" else PassthroughProxy(upstream or "")
+    app: Any = (
+        upstream_app
+        if role == "upstream"
+        else PassthroughProxy(upstream or "", gateway_headers=role == "passthrough-gateway-headers")
+    )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((HOST, port))
@@ -631,7 +648,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--role",
-        choices=("orchestrator", "upstream", "passthrough", "gateway-asyncio"),
+        choices=("orchestrator", "upstream", "passthrough", "passthrough-gateway-headers", "gateway-asyncio"),
         default="orchestrator",
         help=argparse.SUPPRESS,
     )
