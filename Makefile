@@ -56,7 +56,7 @@ test: install client2 system-deps lint
 	$(BIN)/python -m pytest
 
 # Benchmarks (bench/README.md, figures in bench/RESULTS.md). `make bench` runs the quick version of each (about
-# 6 minutes); the bench-* targets run the full ones, with BENCH_ARGS passed on (e.g. BENCH_ARGS="--rounds 5").
+# 9 minutes); the bench-* targets run the full ones, with BENCH_ARGS passed on (e.g. BENCH_ARGS="--rounds 5").
 .PHONY: bench-deps bench-passthrough bench-tracking bench-overhead bench-inprocess bench-instructions bench-scale
 
 # wrk drives bench/overhead.py, valgrind bench/instructions.py: Debian's packages, installed when missing and root
