@@ -128,7 +128,7 @@ async def send_upstream_response(ex: Exchange, policy: Policy, response: Upstrea
             headers.append((b"content-length", length))
             if length.isdigit() and int(length) <= WHOLE_BODY_BYTES:
                 # Small and of known size (most API answers): read it whole and send it as one message,
-                # one pass through the send chain instead of three (bench/RESULTS.md, section 2a).
+                # one pass through the send chain instead of three (bench/RESULTS.md, section 2c).
                 whole = await response.read()
                 await send({"type": "http.response.start", "status": response.status, "headers": headers})
                 await send({"type": "http.response.body", "body": whole})
