@@ -77,6 +77,21 @@ def test_stalled_body_of_a_buffered_response_is_504(
     assert_mlflow_error(response, 504, "DEADLINE_EXCEEDED")
 
 
+def test_stalled_body_of_a_small_relayed_answer_is_504_not_a_cut_200(
+    start_gateway: Callable[..., GatewayUnderTest], fake: FakeUpstream
+) -> None:
+    # runs/get is relayed untouched; an answer this small is read whole before anything is sent, so a
+    # stall is still an MLflow-shaped 504 rather than a 200 whose body never ends.
+    gateway = start_gateway(upstream_timeout=0.2)
+    run_id = fake.add_run(fake.add_experiment("acme", "slow-relay"))
+    url, params = f"{API}/runs/get", {"run_id": run_id}
+    assert gateway.client.get(url, params=params, headers=ACME).status_code == 200  # ownership now cached
+    run = {"run": {"info": {"run_id": run_id, "experiment_id": "1"}, "data": {}}}
+    fake.on("GET", url, Reply(200, run, body_delay=0.8))
+    response = gateway.client.get(url, params=params, headers=ACME)
+    assert_mlflow_error(response, 504, "DEADLINE_EXCEEDED")
+
+
 def test_upstream_500_keeps_the_status_and_redacts_internal_details(client: httpx.Client, fake: FakeUpstream) -> None:
     fake.on(
         "POST",
