@@ -48,7 +48,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import HOST, log, machine
+from common import HOST, gateway_command, log, machine
 from overhead import RUN_ID, TENANT
 
 from gateway.auth.jwt import mint_token
@@ -73,9 +73,10 @@ def _server_argv(target: str, port: int, upstream: str) -> list[str]:
     if target.startswith("passthrough"):
         role = "passthrough-gateway-headers" if target == "passthrough_gateway_headers" else "passthrough"
         return [sys.executable, OVERHEAD_SCRIPT, "--role", role, "--port", str(port), "--upstream", upstream]
-    script = Path(sys.executable).parent / "mlflow-gateway"
-    entry = [str(script)] if script.exists() else ["-m", "gateway.cli"]
-    return [sys.executable, *entry, "serve", "--host", HOST, "--port", str(port)]
+    command = gateway_command()  # valgrind runs the interpreter: a console script is given to it explicitly
+    if command[0] != sys.executable:
+        command = [sys.executable, *command]
+    return [*command, "serve", "--host", HOST, "--port", str(port)]
 
 
 @contextlib.contextmanager

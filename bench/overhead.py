@@ -61,7 +61,7 @@ from common import cpu_seconds, exit_on_sigterm, group_cpu_seconds, log, machine
 
 from gateway.auth.jwt import mint_token
 from gateway.dev import ManagedProcess, free_port
-from gateway.http.forward import WHOLE_BODY_BYTES
+from gateway.http.forward import read_whole
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -203,10 +203,9 @@ class PassthroughProxy:
         headers["accept-encoding"] = "identity"
         added: list[tuple[bytes, bytes]] = []
         if self.gateway_headers:
-            from gateway.observability import REQUEST_ID_HEADER, SECURITY_HEADERS, new_request_id
+            from gateway.observability import REQUEST_ID_HEADER, SECURITY_HEADERS, client_address, new_request_id
 
-            client = scope.get("client")
-            headers["x-forwarded-for"] = client[0] if client else "unknown"
+            headers["x-forwarded-for"] = client_address(scope)
             headers["x-forwarded-proto"] = scope.get("scheme", "http")
             headers["x-request-id"] = request_id = new_request_id()
             added = [*SECURITY_HEADERS, (REQUEST_ID_HEADER, request_id.encode())]
@@ -218,8 +217,7 @@ class PassthroughProxy:
         try:
             out = [(k.lower(), v) for k, v in response.headers if k.lower() in (b"content-type", b"content-length")]
             out += added
-            length = next((v for k, v in out if k == b"content-length"), b"")
-            if length.isdigit() and int(length) <= WHOLE_BODY_BYTES:  # relayed as the gateway relays it
+            if read_whole(next((v for k, v in out if k == b"content-length"), None)):  # as the gateway relays
                 whole = await response.read()
                 await send({"type": "http.response.start", "status": response.status, "headers": out})
                 await send({"type": "http.response.body", "body": whole})

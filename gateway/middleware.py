@@ -127,10 +127,6 @@ class AuthenticationMiddleware:
 def _with_job_label(principal: Principal, headers: list[tuple[bytes, bytes]]) -> Principal:
     if principal.job is not None:
         return principal
-    for key, raw in headers:
-        if key == JOB_LABEL_HEADER:
-            label = job_label(raw.decode("latin-1").strip()) if raw else None
-            break
-    else:
-        return principal
+    raw = next((value for key, value in headers if key == JOB_LABEL_HEADER), None)
+    label = job_label(raw.decode("latin-1").strip()) if raw else None
     return dataclasses.replace(principal, job=label) if label else principal

@@ -76,6 +76,12 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_request_id_source)
 
 
+def client_address(scope: Scope) -> str:
+    """The client's address as the socket gives it (never a header), or ``unknown``."""
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
 def new_request_id() -> str:
     """32 hex digits like ``uuid4().hex``: a random per-process prefix and a counter.
 
@@ -209,20 +215,13 @@ class ObservabilityMiddleware:
                 send = self._on_shutdown(send)
             await self.app(scope, receive, send)
             return
-        incoming = None
-        for key, value in scope["headers"]:
-            if key == REQUEST_ID_HEADER:
-                incoming = value
-                break
+        incoming = next((value for key, value in scope["headers"] if key == REQUEST_ID_HEADER), None)
         request_id = incoming.decode() if incoming and _REQUEST_ID.match(incoming) else new_request_id()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         path: str = scope["path"]
         method: str = scope["method"]
-        client = scope.get("client")
-        record = RequestRecord(
-            request_id, method, path, time.perf_counter(), self.metrics, client[0] if client else "unknown"
-        )
+        record = RequestRecord(request_id, method, path, time.perf_counter(), self.metrics, client_address(scope))
         app = self.metrics_endpoint if path == self.metrics_path and method == "GET" else self.app
         response_headers = (*SECURITY_HEADERS, (REQUEST_ID_HEADER, request_id.encode()))
 

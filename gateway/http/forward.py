@@ -21,6 +21,7 @@ from starlette.types import Scope, Send
 from gateway.errors import GatewayError, redact_internal_details
 from gateway.http.canonical import Query
 from gateway.http.upstream import UpstreamResponse
+from gateway.observability import client_address
 from gateway.policy.core import Exchange, Policy
 
 # Client headers that may be passed upstream (lower-case). Everything else is dropped.
@@ -90,9 +91,8 @@ def upstream_headers(scope: Scope, ex: Exchange, *, content_type: str | None) ->
     for key, value in scope["headers"]:
         if key in _FORWARDED_REQUEST_HEADERS:
             headers[key.decode("latin-1")] = value.decode("latin-1")
-    client = scope.get("client")
     # Always set: MLflow's assistant trusts loopback callers without X-Forwarded-For (mlflow-api §9g).
-    headers["x-forwarded-for"] = client[0] if client else "unknown"
+    headers["x-forwarded-for"] = client_address(scope)
     headers["x-forwarded-proto"] = scope.get("scheme", "http")
     headers["x-request-id"] = ex.request_id
     headers["accept-encoding"] = "identity"
@@ -101,6 +101,11 @@ def upstream_headers(scope: Scope, ex: Exchange, *, content_type: str | None) ->
     # Headers a policy step checked (e.g. an owned experiment id) and asked to forward.
     headers.update(ex.forward_headers)
     return headers
+
+
+def read_whole(length: bytes | None) -> bool:
+    """Whether an answer of this Content-Length is read whole and sent as one message (else streamed)."""
+    return length is not None and length.isdigit() and int(length) <= WHOLE_BODY_BYTES
 
 
 def _response_headers(upstream: Iterable[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bytes, bytes | None]:
@@ -126,7 +131,7 @@ async def send_upstream_response(ex: Exchange, policy: Policy, response: Upstrea
     if response.status < 400 and not (policy.buffers_response and is_json):
         if length is not None:
             headers.append((b"content-length", length))
-            if length.isdigit() and int(length) <= WHOLE_BODY_BYTES:
+            if read_whole(length):
                 # Small and of known size (most API answers): read it whole and send it as one message,
                 # one pass through the send chain instead of three (bench/RESULTS.md, section 2c).
                 whole = await response.read()
