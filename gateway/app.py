@@ -161,16 +161,18 @@ class Gateway:
         if admin_view:
             action = _platform_admin_view(action, principal, method, path, request_id)
         body_limit = self.settings.max_body_bytes if action.body is Body.STREAM else self.settings.max_json_body_bytes
-        refuse_declared_oversize(scope["headers"], body_limit)  # 413 before reading a body declared too large
+        # 413 before reading a body declared too large.
+        has_body = refuse_declared_oversize(scope["headers"], body_limit)
         query = parse_query(scope.get("query_string", b""))
         raw_body = b""
         body = None
         if action.body is not Body.STREAM:
-            raw_body = await read_body(
-                receive,
-                limit=body_limit,
-                too_large=lambda: PayloadTooLarge(f"Request body exceeds {body_limit} bytes"),
-            )
+            if has_body:
+                raw_body = await read_body(
+                    receive,
+                    limit=body_limit,
+                    too_large=lambda: PayloadTooLarge(f"Request body exceeds {body_limit} bytes"),
+                )
             body = _parse_body(action, method, raw_body, normalise=not admin_view)
         ex = Exchange(
             principal=principal,
@@ -197,8 +199,11 @@ class Gateway:
         headers = upstream_headers(scope, ex, content_type="application/json" if content is not None else None)
         if policy.body is Body.RAW:  # the checked bytes a step left; its content type is in forward_headers
             content = ex.raw_body
-        # The path was decoded once for checking: re-encode it (quote_path says why).
-        target = quote_path(ex.path) + (f"?{encode_query(ex.query)}" if ex.query else "")
+        # The path was decoded once for checking: re-encode it (quote_path says why). A path without
+        # parameters is a route template itself, which the route table checked needs no encoding.
+        target = quote_path(ex.path) if ex.path_params else ex.path
+        if ex.query:
+            target += f"?{encode_query(ex.query)}"
         response = await self.services.upstream.send(ex.method, target, headers=headers, body=content)
         try:
             await send_upstream_response(ex, policy, response, send)

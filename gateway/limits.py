@@ -439,16 +439,25 @@ def rate_limit_middleware(
 # -- body size ------------------------------------------------------------------------------------------------
 
 
-def refuse_declared_oversize(headers: Sequence[tuple[bytes, bytes]], limit: int) -> None:
-    """413 before reading a body whose ``Content-Length`` already exceeds ``limit``.
+def refuse_declared_oversize(headers: Sequence[tuple[bytes, bytes]], limit: int) -> bool:
+    """413 before reading a body whose ``Content-Length`` already exceeds ``limit``; whether a body is announced.
 
     The readers count the bytes anyway (chunked bodies have no length); this spares reading, and for
     ``Expect: 100-continue`` clients, sending, a body that will be refused. uvicorn reads and drops
     the unread rest, so the client still gets the 413 rather than a reset connection.
+
+    Returns False when the request has no body by HTTP/1.1's rule (RFC 9112 6.3: neither a
+    ``Transfer-Encoding`` nor a non-zero ``Content-Length``), so there is nothing to read.
     """
+    announced = False
     for key, value in headers:
         if key == b"content-length":
             if not value.strip().isdigit():
                 raise BadRequest("Invalid Content-Length header")
-            if int(value) > limit:
+            length = int(value)
+            if length > limit:
                 raise PayloadTooLarge(f"Request body exceeds {limit} bytes")
+            announced = announced or length > 0
+        elif key == b"transfer-encoding":
+            announced = True
+    return announced

@@ -115,7 +115,8 @@ class AuthenticationMiddleware:
                 if not self.is_public(scope["path"]):
                     raise Unauthenticated("Authentication required: send 'Authorization: Bearer <token>'")
             else:
-                principal = await self.authenticator.authenticate(token)
+                authenticator = self.authenticator
+                principal = authenticator.recently_verified(token) or await authenticator.authenticate(token)
                 principal = _with_job_label(principal, scope["headers"])
         except GatewayError as error:
             await send_error(send, error, request_id=state.get("request_id"))

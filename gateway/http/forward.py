@@ -66,6 +66,8 @@ _PATH_UNCHANGED = re.compile(r"[A-Za-z0-9/:@!$&'()*+,;=._~-]*")
 
 def quote_component(text: str) -> str:
     """``quote(text, safe="")``, skipped when it would change nothing (ids, names: most values)."""
+    if text.isascii() and (text.isalnum() or text.isidentifier()):  # hex ids and field names, without a regex
+        return text
     return text if _UNRESERVED.fullmatch(text) else quote(text, safe="")
 
 

@@ -188,9 +188,13 @@ class Ownership:
             return None
         owner = self.experiment_tenant.get(experiment_id)
         if owner is None:
-            owner = await self._fetch_experiment_owner(experiment_id)
-            if owner is not None:
-                self.experiment_tenant.put(experiment_id, owner)
+            owner = await self._fetch_experiment_owner_and_remember(experiment_id)
+        return owner
+
+    async def _fetch_experiment_owner_and_remember(self, experiment_id: str) -> str | None:
+        owner = await self._fetch_experiment_owner(experiment_id)
+        if owner is not None:
+            self.experiment_tenant.put(experiment_id, owner)
         return owner
 
     async def run_experiment_id(self, run_id: str) -> str | None:
@@ -199,20 +203,33 @@ class Ownership:
             return None
         experiment_id = self.run_experiment.get(run_id)
         if experiment_id is None:
-            experiment_id = await self._fetch_parent("runs/get", {"run_id": run_id}, ("run", "info"))
-            if experiment_id is not None:
-                self.run_experiment.put(run_id, experiment_id)
+            experiment_id = await self._fetch_run_experiment_id(run_id)
+        return experiment_id
+
+    async def _fetch_run_experiment_id(self, run_id: str) -> str | None:
+        experiment_id = await self._fetch_parent("runs/get", {"run_id": run_id}, ("run", "info"))
+        if experiment_id is not None:
+            self.run_experiment.put(run_id, experiment_id)
         return experiment_id
 
     async def require_run(self, tenant: str, run_id: str) -> str:
-        """Pass when the run's experiment is the tenant's; return that experiment id."""
-        experiment_id = await self.run_experiment_id(run_id)
-        if experiment_id is None:
+        """Pass when the run's experiment is the tenant's; return that experiment id.
+
+        The steady state (both facts cached) is answered without a further coroutine: this check runs
+        on most tracking requests (bench/RESULTS.md, section 2c).
+        """
+        if not _RUN_ID.match(run_id):
             raise run_not_found(run_id)
-        try:
-            await self.require_experiment(tenant, experiment_id)
-        except NotFound:
-            raise run_not_found(run_id) from None
+        experiment_id = self.run_experiment.get(run_id)
+        if experiment_id is None:
+            experiment_id = await self._fetch_run_experiment_id(run_id)
+        if experiment_id is None or not _EXPERIMENT_ID.match(experiment_id):
+            raise run_not_found(run_id)
+        owner = self.experiment_tenant.get(experiment_id)
+        if owner is None:
+            owner = await self._fetch_experiment_owner_and_remember(experiment_id)
+        if owner != tenant:
+            raise run_not_found(run_id)
         return experiment_id
 
     async def logged_model_experiment_id(self, model_id: str) -> str | None:

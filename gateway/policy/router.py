@@ -34,6 +34,10 @@ _SEGMENT = r"[^/]+"
 _PARAM = re.compile(r"\{([a-z_]+)(:path)?\}")
 
 
+# What a path without parameters may contain: characters percent-encoding leaves as they are.
+_PLAIN_TEMPLATE = re.compile(r"/[A-Za-z0-9/._~-]*")
+
+
 @dataclass(frozen=True)
 class Route:
     """One (method, full path template) of the table and what the gateway does with it."""
@@ -89,6 +93,9 @@ class RouteTable:
             if route.has_params:
                 self._templated.setdefault(route.method, []).append((_compile(route.template), route))
             else:
+                if not _PLAIN_TEMPLATE.fullmatch(route.template):
+                    # The gateway sends a static route's path upstream as it is (Gateway._forward).
+                    raise ValueError(f"static route {route.template!r} would need percent-encoding")
                 self._static[key] = route
 
     def _by(self, method: str) -> list[tuple[re.Pattern[str], Route]]:

@@ -22,14 +22,19 @@ def field_value(ex: Exchange, name: str, *, aliases: tuple[str, ...] = ()) -> An
     With aliases (MLflow's ``run_uuid`` for ``run_id``), every spelling present must agree: the
     upstream handler may read either one, so a request that names two different objects is a 400.
     """
-    found: list[Any] = []
-    for key in (name, *aliases):
-        value = ex.body.get(key) if ex.body is not None else single_value(ex.query, key)
-        if value not in (None, ""):
-            found.append(value)
-    if len(set(map(str, found))) > 1:
-        raise BadRequest(f"Fields {', '.join((name, *aliases))} name different objects")
-    return found[0] if found else None
+    body = ex.body
+    first = body.get(name) if body is not None else single_value(ex.query, name)
+    if first == "":
+        first = None
+    for alias in aliases:
+        value = body.get(alias) if body is not None else single_value(ex.query, alias)
+        if value is None or value == "":
+            continue
+        if first is None:
+            first = value
+        elif str(value) != str(first):
+            raise BadRequest(f"Fields {', '.join((name, *aliases))} name different objects")
+    return first
 
 
 def set_field(ex: Exchange, name: str, value: str, *, aliases: tuple[str, ...] = ()) -> None:

@@ -14,7 +14,16 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from tests.app.conftest import ACME, AJAX, API, FakeUpstream, GatewayUnderTest, assert_mlflow_error
+from tests.app.conftest import (
+    ACME,
+    AJAX,
+    API,
+    USER_AGENT,
+    FakeUpstream,
+    GatewayUnderTest,
+    assert_mlflow_error,
+    send_raw,
+)
 
 AUTH = {"Authorization": ACME["Authorization"]}
 
@@ -73,6 +82,27 @@ def test_get_with_a_json_body_is_400(client: httpx.Client, fake: FakeUpstream) -
     response = client.request("GET", f"{API}/runs/get", headers=ACME, json={"run_id": run_id})
     body = assert_mlflow_error(response, 400, "INVALID_PARAMETER_VALUE")
     assert "must not carry a body" in body["message"]
+    fake.assert_untouched()
+
+
+def test_get_with_a_chunked_json_body_is_400(gateway: GatewayUnderTest, fake: FakeUpstream) -> None:
+    # No Content-Length, so the body is announced only by Transfer-Encoding: it is still read and refused.
+    run_id = fake.add_run(fake.add_experiment("globex", "victim"))
+    body = json.dumps({"run_id": run_id}).encode()
+    request = (
+        (
+            f"GET {API}/runs/get HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: {USER_AGENT}\r\n"
+            f"Authorization: {AUTH['Authorization']}\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        ).encode()
+        + f"{len(body):x}\r\n".encode()
+        + body
+        + b"\r\n0\r\n\r\n"
+    )
+    response = send_raw(gateway.port, request)
+    assert response.status == 400, response.body
+    error = json.loads(response.body)
+    assert error["error_code"] == "INVALID_PARAMETER_VALUE" and "must not carry a body" in error["message"]
     fake.assert_untouched()
 
 

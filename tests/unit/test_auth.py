@@ -252,6 +252,23 @@ def test_verified_tokens_are_cached_but_never_past_expiry() -> None:
     assert authenticator._verified.get(next(iter(authenticator._verified)))[1] < clock.now  # type: ignore[index]
 
 
+def test_recently_verified_answers_only_a_verified_unexpired_token() -> None:
+    authenticator = _hs_authenticator()
+    clock = Clock()
+    clock.now = time.time()
+    authenticator._clock = clock
+    short = raw_token({**CLAIMS, "exp": int(clock.now) + 5})
+    assert authenticator.recently_verified(short) is None  # never verified: the caller must verify it
+    assert _verify(authenticator, short).tenant == "acme"
+    cached = authenticator.recently_verified(short)
+    assert cached is not None and cached.tenant == "acme" and cached.user == "alice"
+    assert authenticator.recently_verified(short + "x") is None  # another token, not a prefix match
+    clock.now += 6  # past the token's exp
+    assert authenticator.recently_verified(short) is None
+    with pytest.raises(HeadersTooLarge):
+        authenticator.recently_verified("x" * 100_000)
+
+
 # -- public keys: HS/RS confusion, PEM ----------------------------------------------------------------
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from urllib.parse import quote, unquote_to_bytes
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import BadRequest
@@ -249,6 +249,12 @@ def test_canonical_path_fast_path_agrees_with_the_full_check(raw: bytes) -> None
 
 @settings(max_examples=2000, deadline=None)
 @given(text=st.text(max_size=30))
+@example(text="5f2d0c1b9a8e47d6b3c2a1f0e9d8c7b6")  # ids and names take the str-method fast path...
+@example(text="run_id")
+@example(text="\u00e4rger")  # ...but a non-ASCII letter or digit does not
+@example(text="\u0663")
+@example(text="_")
+@example(text="")
 def test_quote_fast_paths_agree_with_quote(text: str) -> None:
     assert quote_component(text) == quote(text, safe="")
     assert quote_path("/" + text) == quote("/" + text, safe="/:@!$&'()*+,;=-._~")

@@ -467,5 +467,21 @@ def test_a_declared_length_over_the_limit_is_refused_before_reading() -> None:
         refuse_declared_oversize([(b"content-length", b"-1")], 100)
 
 
+@pytest.mark.parametrize(
+    ("headers", "announced"),
+    [
+        ([], False),
+        ([(b"content-type", b"application/json")], False),
+        ([(b"content-length", b"0")], False),
+        ([(b"content-length", b"1")], True),
+        ([(b"transfer-encoding", b"chunked")], True),
+        ([(b"content-length", b"0"), (b"transfer-encoding", b"chunked")], True),
+    ],
+)
+def test_whether_headers_announce_a_body(headers: list[tuple[bytes, bytes]], announced: bool) -> None:
+    # No body by HTTP/1.1's rule: the gateway then reads none.
+    assert refuse_declared_oversize(headers, 100) is announced
+
+
 def test_make_settings_keeps_limits_off() -> None:
     assert rate_limit_middleware(make_settings(), is_public=lambda path: False) is None

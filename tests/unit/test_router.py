@@ -31,6 +31,13 @@ def test_malformed_ids_do_not_match(trace_id: str) -> None:
     assert table.match("GET", f"/traces/{trace_id}") is None
 
 
+@pytest.mark.parametrize("template", ["/a b", "/caf\u00e9", "/a%2Fb", "/a?b", "/a#b"])
+def test_a_static_route_that_would_need_percent_encoding_is_refused(template: str) -> None:
+    # The gateway forwards a static route's path as it is, without quoting it.
+    with pytest.raises(ValueError, match="percent-encoding"):
+        RouteTable([Route("GET", template, DENY)])
+
+
 def test_duplicate_routes_are_refused() -> None:
     with pytest.raises(ValueError, match="duplicate"):
         RouteTable([Route("GET", "/a", DENY), Route("GET", "/a", DENY)])
