@@ -99,13 +99,11 @@ class Gateway:
         self.services = Services(
             settings=self.settings,
             upstream=upstream,
-            ownership=Ownership(
-                upstream,
-                max_size=self.settings.cache_size,
-                on_cache_lookup=self.metrics.cache_lookup if self.metrics is not None else None,
-            ),
+            ownership=Ownership(upstream, max_size=self.settings.cache_size),
             artifacts=artifacts,
         )
+        if self.metrics is not None:
+            self.metrics.track_caches(self.services.ownership.caches())
         try:
             yield
         finally:
@@ -191,9 +189,9 @@ class Gateway:
             return
         for step in action.request:
             await step(ex)
-        await self._forward(scope, ex, action, send)
+        await self._forward(scope, ex, action, receive, send)
 
-    async def _forward(self, scope: Scope, ex: Exchange, policy: Policy, send: Send) -> None:
+    async def _forward(self, scope: Scope, ex: Exchange, policy: Policy, receive: Receive, send: Send) -> None:
         assert self.services is not None
         content = dump_json(ex.body) if ex.body is not None else None
         headers = upstream_headers(scope, ex, content_type="application/json" if content is not None else None)
@@ -206,7 +204,7 @@ class Gateway:
             target += f"?{encode_query(ex.query)}"
         response = await self.services.upstream.send(ex.method, target, headers=headers, body=content)
         try:
-            await send_upstream_response(ex, policy, response, send)
+            await send_upstream_response(ex, policy, response, receive, send)
         finally:
             response.close()
 

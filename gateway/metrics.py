@@ -29,7 +29,7 @@ import hmac
 import ipaddress
 import os
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, values
 from prometheus_client.exposition import choose_encoder
@@ -97,6 +97,14 @@ class _PendingHistogram:
             if count:
                 bucket.inc(count)
         child._sum.inc(self.total)
+
+
+class CountingCache(Protocol):
+    """A cache that counts its own look-ups (``gateway.policy.ownership.LruCache``)."""
+
+    name: str
+    hits: int
+    misses: int
 
 
 class GatewayMetrics:
@@ -172,7 +180,8 @@ class GatewayMetrics:
         self._requests: dict[tuple[str, str, str, int], int] = {}
         self._durations: dict[str, _PendingHistogram] = {}
         self._upstream = _PendingHistogram()
-        self._cache: dict[tuple[str, bool], int] = {}
+        # The ownership caches count their own look-ups; flush() adds what they counted since the last one.
+        self._caches: dict[CountingCache, tuple[int, int]] = {}
         self._flush_timer: asyncio.TimerHandle | None = None
 
     def request_started(self) -> None:
@@ -198,10 +207,10 @@ class GatewayMetrics:
         """Count one upstream call: the time until its response headers arrived (or it failed)."""
         self._upstream.observe(seconds)
 
-    def cache_lookup(self, cache: str, hit: bool) -> None:
-        """Count one ownership-cache look-up."""
-        key = (cache, hit)
-        self._cache[key] = self._cache.get(key, 0) + 1
+    def track_caches(self, caches: Iterable[CountingCache]) -> None:
+        """Export the look-ups of these caches (from now on), in place of any tracked before."""
+        self.flush()  # what the previous caches counted until now
+        self._caches = {cache: (cache.hits, cache.misses) for cache in caches}
 
     def flush(self) -> None:
         """Add everything counted since the last flush to the prometheus-client metrics."""
@@ -217,9 +226,13 @@ class GatewayMetrics:
         if any(self._upstream.counts):
             upstream, self._upstream = self._upstream, _PendingHistogram()
             upstream.apply(self.upstream_duration)
-        cache, self._cache = self._cache, {}
-        for (name, hit), count in cache.items():
-            self.cache_requests.labels(name, "hit" if hit else "miss").inc(count)
+        for cache, (hits_before, misses_before) in self._caches.items():
+            hits, misses = cache.hits, cache.misses
+            if hits != hits_before:
+                self.cache_requests.labels(cache.name, "hit").inc(hits - hits_before)
+            if misses != misses_before:
+                self.cache_requests.labels(cache.name, "miss").inc(misses - misses_before)
+            self._caches[cache] = (hits, misses)
         if self.in_flight_now != self._in_flight_flushed:
             self.in_flight.set(self.in_flight_now)
             self._in_flight_flushed = self.in_flight_now

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Generic, TypeVar
 from urllib.parse import quote
 
@@ -43,22 +43,19 @@ V = TypeVar("V")
 class LruCache(Generic[K, V]):
     """A small bounded LRU map (no expiry: it only ever holds immutable facts).
 
-    ``on_lookup(name, hit)``, when given, is told about every look-up (the gateway's metrics).
+    It counts its ``hits`` and ``misses``; the gateway's metrics read them (``GatewayMetrics.track_caches``).
     """
 
-    def __init__(self, max_size: int, *, name: str = "", on_lookup: Callable[[str, bool], None] | None = None) -> None:
+    def __init__(self, max_size: int, *, name: str = "") -> None:
         self._max = max_size
         self._data: OrderedDict[K, V] = OrderedDict()
         self.name = name
-        self._on_lookup = on_lookup
         self.hits = 0
         self.misses = 0
 
     def get(self, key: K) -> V | None:
         """The cached value, refreshed as most recently used, or ``None``."""
         value = self._data.get(key)
-        if self._on_lookup is not None:
-            self._on_lookup(self.name, value is not None)
         if value is None:
             self.misses += 1
             return None
@@ -114,22 +111,13 @@ def tenant_of_experiment_name(name: str) -> str | None:
 
 
 class Ownership:
-    """Resolves and caches which tenant owns experiments, runs and logged models.
+    """Resolves and caches which tenant owns experiments, runs and logged models."""
 
-    ``on_cache_lookup(cache, hit)`` is told about every cache look-up (the gateway's metrics).
-    """
-
-    def __init__(
-        self,
-        upstream: UpstreamClient,
-        *,
-        max_size: int = 100_000,
-        on_cache_lookup: Callable[[str, bool], None] | None = None,
-    ) -> None:
+    def __init__(self, upstream: UpstreamClient, *, max_size: int = 100_000) -> None:
         self._upstream = upstream
 
         def cache(name: str) -> LruCache[str, str]:
-            return LruCache(max_size, name=name, on_lookup=on_cache_lookup)
+            return LruCache(max_size, name=name)
 
         self.experiment_tenant = cache("experiment_tenant")
         self.run_experiment = cache("run_experiment")
@@ -141,6 +129,16 @@ class Ownership:
         self._default_experiment: dict[str, str] = {}
         self._default_locks: dict[str, asyncio.Lock] = {}
         self.upstream_lookups = 0
+
+    def caches(self) -> tuple[LruCache[str, str], ...]:
+        """Every ownership cache (for the metrics of their look-ups)."""
+        return (
+            self.experiment_tenant,
+            self.run_experiment,
+            self.model_experiment,
+            self.trace_experiment,
+            self.dataset_tenant,
+        )
 
     # -- recording facts learnt from responses -------------------------------------------------
 

@@ -23,6 +23,7 @@ from gateway.observability import (
     note_upstream_error,
     set_route,
 )
+from gateway.policy.ownership import LruCache
 from gateway.settings import SettingsError, load_settings
 from tests.factories import SECRET
 from tests.prometheus import Scrape
@@ -73,8 +74,11 @@ def test_without_a_token_no_credential_opens_metrics() -> None:
 def test_each_app_has_its_own_registry() -> None:
     first, second = GatewayMetrics(), GatewayMetrics()
     first.requests.labels("acme", "/health", "GET", "200").inc()
-    first.cache_lookup("run_experiment", True)
-    first.cache_lookup("run_experiment", True)
+    cache: LruCache[str, str] = LruCache(10, name="run_experiment")
+    first.track_caches([cache])
+    cache.put("r", "1")
+    cache.get("r")
+    cache.get("r")
     one, two = Scrape.parse(first.render()[0].decode()), Scrape.parse(second.render()[0].decode())
     assert one.value("gateway_requests_total", tenant="acme") == 1
     assert two.value("gateway_requests_total") == 0
@@ -96,7 +100,9 @@ def test_pending_counts_reach_prometheus_exactly_as_direct_updates_would() -> No
         direct.requests.labels("acme", "/api/2.0/mlflow/runs/get", "GET", "200").inc()
         direct.request_duration.labels("/api/2.0/mlflow/runs/get").observe(seconds)
         direct.upstream_duration.observe(seconds)
-    batched.cache_lookup("run_experiment", False)
+    cache: LruCache[str, str] = LruCache(10, name="run_experiment")
+    batched.track_caches([cache])
+    cache.get("unknown")
     direct.cache_requests.labels("run_experiment", "miss").inc()
     batched.request_started()
     direct.in_flight.inc()
@@ -117,6 +123,31 @@ def test_pending_counts_reach_prometheus_exactly_as_direct_updates_would() -> No
     ) in (samples(direct))
     # A second flush adds nothing twice.
     assert samples(batched) == samples(direct)
+
+
+def test_cache_look_ups_are_exported_once_and_from_the_tracked_caches_only() -> None:
+    metrics = GatewayMetrics()
+    before: LruCache[str, str] = LruCache(10, name="run_experiment")
+    metrics.track_caches([before])
+    before.get("a")  # a miss while tracked
+    counted_earlier: LruCache[str, str] = LruCache(10, name="experiment_tenant")
+    counted_earlier.get("x")  # looked up before it is tracked: not exported
+    after: LruCache[str, str] = LruCache(10, name="experiment_tenant")
+    metrics.track_caches([counted_earlier, after])  # replaces `before`, whose miss is kept
+    before.get("b")  # no longer tracked
+    after.put("e", "acme")
+    after.get("e")
+    after.get("e")
+    after.get("f")
+
+    def value(cache: str, result: str) -> float:
+        scrape = Scrape.parse(metrics.render()[0].decode())
+        return scrape.value("gateway_cache_requests_total", cache=cache, result=result)
+
+    assert value("run_experiment", "miss") == 1
+    assert value("experiment_tenant", "hit") == 2
+    assert value("experiment_tenant", "miss") == 1
+    assert value("experiment_tenant", "hit") == 2  # a second scrape adds nothing twice
 
 
 def test_hooks_do_nothing_outside_a_request() -> None:
