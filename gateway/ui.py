@@ -66,6 +66,8 @@ from gateway.settings import Settings
 logger = logging.getLogger("gateway.ui")
 
 LOGIN_PATH, LOGOUT_PATH = "/login", "/logout"
+# Paths this layer may answer itself ("/" redirects a browser without a session to the login page).
+_OWN_PATHS = frozenset({"/", LOGIN_PATH, LOGOUT_PATH, LOGIN_START_PATH, CALLBACK_PATH})
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _PAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'{}; frame-ancestors 'none'"
 # Artifact uploads carry the file's bytes, not JSON (the Origin check still applies).
@@ -111,6 +113,10 @@ class UiMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if not self.root and scope["path"] not in _OWN_PATHS and not _has_cookie(scope["headers"]):
+            # An API call (most requests): no page of this layer, no browser session to turn into a token.
             await self.app(scope, receive, send)
             return
         request_id = scope.setdefault("state", {}).get("request_id")
@@ -422,6 +428,10 @@ def _cookie_names(headers: Iterable[tuple[bytes, bytes]]) -> set[str]:
 
 def _has_authorization(headers: list[tuple[bytes, bytes]]) -> bool:
     return any(key == b"authorization" for key, _ in headers)
+
+
+def _has_cookie(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(key == b"cookie" for key, _ in headers)
 
 
 def _session_cookie(headers: list[tuple[bytes, bytes]]) -> str | None:
