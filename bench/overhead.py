@@ -61,7 +61,9 @@ from common import cpu_seconds, exit_on_sigterm, group_cpu_seconds, log, machine
 
 from gateway.auth.jwt import mint_token
 from gateway.dev import ManagedProcess, free_port
+from gateway.errors import GatewayError
 from gateway.http.forward import read_whole
+from gateway.observability import REQUEST_ID_HEADER, SECURITY_HEADERS, client_address, new_request_id
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -147,6 +149,11 @@ async def _read_body(receive: Receive) -> bytes:
     return b"".join(chunks)
 
 
+def _announces_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a request has a body by HTTP/1.1's rule (the gateway reads none otherwise, nor does the passthrough)."""
+    return any(key == b"transfer-encoding" or (key == b"content-length" and value != b"0") for key, value in headers)
+
+
 async def _answer(send: Send, status: int, body: bytes, content_type: bytes = b"application/json") -> None:
     headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -193,9 +200,7 @@ class PassthroughProxy:
                     return
         if scope["type"] != "http":
             return
-        from gateway.errors import GatewayError
-
-        body = await _read_body(receive)
+        body = await _read_body(receive) if _announces_body(scope["headers"]) else b""
         target = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
         if scope["query_string"]:
             target += "?" + scope["query_string"].decode("latin-1")
@@ -203,8 +208,6 @@ class PassthroughProxy:
         headers["accept-encoding"] = "identity"
         added: list[tuple[bytes, bytes]] = []
         if self.gateway_headers:
-            from gateway.observability import REQUEST_ID_HEADER, SECURITY_HEADERS, client_address, new_request_id
-
             headers["x-forwarded-for"] = client_address(scope)
             headers["x-forwarded-proto"] = scope.get("scheme", "http")
             headers["x-request-id"] = request_id = new_request_id()
