@@ -6,10 +6,12 @@ response. The whole order is declared once, in :func:`gateway.app.create_app`.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -55,6 +57,28 @@ async def read_body(receive: Receive, *, limit: int, too_large: Callable[[], Gat
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+@contextlib.asynccontextmanager
+async def client_disconnect(receive: Receive) -> AsyncIterator[asyncio.Event]:
+    """An event set once the client has gone, for as long as a long response is being sent.
+
+    uvicorn's ``send`` does nothing once the client has disconnected, so a loop relaying a long body
+    would otherwise read its source (S3, the upstream) to the end for nobody. Only for a response sent
+    after the request body was read: the watcher takes every ``receive()`` message.
+    """
+    disconnected = asyncio.Event()
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        disconnected.set()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield disconnected
+    finally:
+        watcher.cancel()
 
 
 def credential_from_headers(headers: list[tuple[bytes, bytes]]) -> str | None:

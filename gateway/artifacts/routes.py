@@ -7,7 +7,6 @@ never run script in the gateway's origin.
 
 from __future__ import annotations
 
-import asyncio
 import posixpath
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,6 +19,7 @@ from gateway.artifacts.paths import ArtifactPath, check_relative, parse_artifact
 from gateway.artifacts.s3 import ArtifactStore, guess_content_type
 from gateway.errors import BadRequest, EndpointNotFound, NotFound, PayloadTooLarge, PermissionDenied
 from gateway.http.canonical import JsonObject, single_value
+from gateway.middleware import client_disconnect
 from gateway.observability import note_artifact_bytes
 from gateway.policy.core import Access, Body, Exchange, Policy, Served
 
@@ -85,26 +85,17 @@ async def stream_download(store: ArtifactStore, path: str, receive: Receive, sen
     ]
     if download.size is not None:
         headers.append((b"content-length", str(download.size).encode()))
-    disconnected = asyncio.Event()
-
-    async def watch() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        disconnected.set()
-
-    watcher = asyncio.create_task(watch())
     chunks = download.chunks
     try:
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        async for chunk in chunks:
-            if disconnected.is_set():
-                break
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            note_artifact_bytes(sent=len(chunk))
-        if not disconnected.is_set():
+        async with client_disconnect(receive) as disconnected:
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            async for chunk in chunks:
+                if disconnected.is_set():
+                    return
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                note_artifact_bytes(sent=len(chunk))
             await send({"type": "http.response.body", "body": b""})
     finally:
-        watcher.cancel()
         await chunks.aclose()  # type: ignore[attr-defined]
 
 

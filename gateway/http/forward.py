@@ -16,11 +16,12 @@ from typing import Any
 from urllib.parse import quote
 
 import orjson
-from starlette.types import Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from gateway.errors import GatewayError, redact_internal_details
 from gateway.http.canonical import Query
 from gateway.http.upstream import UpstreamResponse
+from gateway.middleware import client_disconnect
 from gateway.observability import client_address
 from gateway.policy.core import Exchange, Policy
 
@@ -126,8 +127,14 @@ def _response_headers(upstream: Iterable[tuple[bytes, bytes]]) -> tuple[list[tup
     return headers, content_type, length
 
 
-async def send_upstream_response(ex: Exchange, policy: Policy, response: UpstreamResponse, send: Send) -> None:
-    """Relay the upstream response in the shape the status and policy call for."""
+async def send_upstream_response(
+    ex: Exchange, policy: Policy, response: UpstreamResponse, receive: Receive, send: Send
+) -> None:
+    """Relay the upstream response in the shape the status and policy call for.
+
+    ``receive`` tells when the client has gone during a streamed answer: the relay then stops reading
+    the upstream (the caller closes its connection).
+    """
     headers, content_type, length = _response_headers(response.headers)
     is_json = content_type.startswith(b"application/json")
     if response.status < 400 and not (policy.buffers_response and is_json):
@@ -141,9 +148,16 @@ async def send_upstream_response(ex: Exchange, policy: Policy, response: Upstrea
                 await send({"type": "http.response.body", "body": whole})
                 return
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        async for chunk in response.iter_chunks():
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
+        chunks = response.iter_chunks()
+        try:
+            async with client_disconnect(receive) as disconnected:
+                async for chunk in chunks:
+                    if disconnected.is_set():
+                        return
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+        finally:
+            await chunks.aclose()
         return
     raw = await response.read()
     if response.status >= 400:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -52,7 +52,7 @@ class UpstreamResponse:
             note_upstream(time.perf_counter() - started, call=False)
             self._response.release()
 
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
+    async def iter_chunks(self) -> AsyncGenerator[bytes, None]:
         """Yield the body in chunks; the connection is released (or closed) when done."""
         try:
             async for chunk in self._response.content.iter_chunked(CHUNK_SIZE):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import socket
+import threading
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -15,6 +19,7 @@ from tests.app.conftest import (
     FakeUpstream,
     GatewayUnderTest,
     Reply,
+    ServerThread,
     assert_mlflow_error,
     closed_port,
 )
@@ -90,6 +95,64 @@ def test_stalled_body_of_a_small_relayed_answer_is_504_not_a_cut_200(
     fake.on("GET", url, Reply(200, run, body_delay=0.8))
     response = gateway.client.get(url, params=params, headers=ACME)
     assert_mlflow_error(response, 504, "DEADLINE_EXCEEDED")
+
+
+class EndlessUpstream:
+    """Answers with an unsized body of ``CHUNK`` every few ms, up to ``LIMIT`` chunks; notes when its client goes."""
+
+    CHUNK = b"x" * 65536
+    LIMIT = 4000  # 20 s or more: far past the test's wait
+
+    def __init__(self) -> None:
+        self.chunks_sent = 0
+        self.client_gone = threading.Event()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.create_task(watch())
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/javascript")]})
+        try:
+            while not gone.is_set() and self.chunks_sent < self.LIMIT:
+                await send({"type": "http.response.body", "body": self.CHUNK, "more_body": True})
+                self.chunks_sent += 1
+                await asyncio.sleep(0.005)
+            if gone.is_set():
+                self.client_gone.set()
+            else:
+                await send({"type": "http.response.body", "body": b""})
+        finally:
+            watcher.cancel()
+
+
+def test_a_streamed_answer_stops_being_read_when_the_client_leaves(
+    start_gateway: Callable[..., GatewayUnderTest],
+) -> None:
+    # uvicorn's send() does nothing once the client has gone: the gateway must notice the disconnect itself,
+    # close its upstream connection and stop reading, not pull the rest of the answer for nobody.
+    upstream = EndlessUpstream()
+    server = ServerThread(upstream, lifespan="off").start()  # type: ignore[arg-type]
+    try:
+        gateway = start_gateway(upstream_url=server.url)
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as client:
+            client.sendall(b"GET /static-files/static/js/big.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            received = b""
+            while len(received) < 4 * len(EndlessUpstream.CHUNK):
+                data = client.recv(65536)
+                assert data, "the gateway closed the response early"
+                received += data
+            assert received.startswith(b"HTTP/1.1 200 ")
+        assert upstream.client_gone.wait(10), f"the gateway kept reading: {upstream.chunks_sent} chunks"
+        assert upstream.chunks_sent < EndlessUpstream.LIMIT
+    finally:
+        server.stop()
 
 
 def test_upstream_500_keeps_the_status_and_redacts_internal_details(client: httpx.Client, fake: FakeUpstream) -> None:

@@ -24,6 +24,7 @@ class Recorded:
             headers.append((b"Content-Length", str(length).encode()))
         self.headers = tuple(headers)
         self.taken: list[str] = []
+        self.yielded = 0  # chunks taken from the stream
 
     async def read(self) -> bytes:
         self.taken.append("read")
@@ -31,18 +32,40 @@ class Recorded:
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         self.taken.append("stream")
-        for start in range(0, len(self.body), self.chunk):
-            yield self.body[start : start + self.chunk]
+        try:
+            for start in range(0, len(self.body), self.chunk):
+                self.yielded += 1
+                yield self.body[start : start + self.chunk]
+        finally:
+            self.taken.append("closed")
 
 
-def relay(response: Recorded) -> list[dict[str, Any]]:
+def relay(response: Recorded, *, disconnect_after: int | None = None) -> list[dict[str, Any]]:
+    """Relay ``response``; the client disconnects once ``disconnect_after`` body messages were sent."""
     messages: list[dict[str, Any]] = []
 
-    async def send(message: dict[str, Any]) -> None:
-        messages.append(message)
+    async def run() -> None:
+        gone = asyncio.Event()
 
-    exchange: Any = None  # not read for a successful answer that no step rewrites
-    asyncio.run(send_upstream_response(exchange, Policy(), response, send))  # type: ignore[arg-type]
+        async def receive() -> dict[str, Any]:
+            if not received:
+                received.append(True)
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            messages.append(message)
+            if disconnect_after is not None and len(messages) - 1 >= disconnect_after:
+                gone.set()
+                await asyncio.sleep(0)  # the server notices the disconnect
+                await asyncio.sleep(0)
+
+        received: list[bool] = []
+        exchange: Any = None  # not read for a successful answer that no step rewrites
+        await send_upstream_response(exchange, Policy(), response, receive, send)  # type: ignore[arg-type]
+
+    asyncio.run(run())
     return messages
 
 
@@ -69,16 +92,32 @@ def test_a_small_sized_answer_is_read_whole_and_sent_in_one_message(size: int) -
 def test_a_large_or_unsized_answer_is_streamed_chunk_by_chunk(size: int, length: int | None) -> None:
     response = Recorded(b"y" * size, length=length)
     messages = relay(response)
-    assert response.taken == ["stream"]
+    assert response.taken == ["stream", "closed"]
     bodies = messages[1:]
     assert all(m.get("more_body") for m in bodies[:-1]) and not bodies[-1].get("more_body", False)
     assert len(bodies) == -(-size // response.chunk) + 1  # every chunk as it came, then the end
     assert body_of(messages) == response.body
 
 
+def test_a_streamed_answer_stops_being_read_once_the_client_has_gone() -> None:
+    # uvicorn's send() does nothing after a disconnect: without the watcher, the relay would read the
+    # upstream answer to its end for nobody.
+    response = Recorded(b"w" * (100 * 16 * 1024), length=None)
+    messages = relay(response, disconnect_after=3)
+    assert response.yielded <= 5, response.yielded  # of 100 chunks
+    assert response.taken == ["stream", "closed"]  # and the chunk iterator was closed, not left pending
+    assert len(messages) - 1 <= 4 and messages[-1].get("more_body")  # no end-of-body for nobody
+
+
+def test_a_streamed_answer_is_relayed_whole_while_the_client_stays() -> None:
+    response = Recorded(b"v" * (100 * 16 * 1024), length=None)
+    messages = relay(response)
+    assert response.yielded == 100 and body_of(messages) == response.body
+
+
 def test_a_malformed_content_length_is_not_trusted_for_reading_whole() -> None:
     response = Recorded(b"z" * 10, length=None)
     response.headers = (*response.headers, (b"Content-Length", b"-1"))
     messages = relay(response)
-    assert response.taken == ["stream"]
+    assert response.taken == ["stream", "closed"]
     assert body_of(messages) == b"z" * 10
