@@ -38,6 +38,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.errors import PermissionDenied
 from gateway.middleware import send_error
+from gateway.observability import header_value
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Latency buckets in seconds: sub-millisecond proxying up to long artifact transfers.
@@ -306,7 +307,7 @@ class MetricsEndpoint:
             refusal = PermissionDenied("Metrics need the metrics token or a client address the gateway allows")
             await send_error(send, refusal, request_id=request_id)
             return
-        accept = next((value.decode("latin-1") for key, value in scope["headers"] if key == b"accept"), "")
+        accept = (header_value(scope["headers"], b"accept") or b"").decode("latin-1")
         body, content_type = self.metrics.render(accept)
         headers = [
             (b"content-type", content_type.encode("latin-1")),

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.auth.jwt import MAX_TOKEN_BYTES, Authenticator, job_label
 from gateway.auth.principal import Principal
 from gateway.errors import BadRequest, GatewayError, HeadersTooLarge, Unauthenticated, error_body
-from gateway.observability import REQUEST_ID_HEADER, note_error
+from gateway.observability import REQUEST_ID_HEADER, header_value, note_error
 
 JOB_LABEL_HEADER = b"x-matih-job-id"
 
@@ -152,6 +152,6 @@ class AuthenticationMiddleware:
 def _with_job_label(principal: Principal, headers: list[tuple[bytes, bytes]]) -> Principal:
     if principal.job is not None:
         return principal
-    raw = next((value for key, value in headers if key == JOB_LABEL_HEADER), None)
+    raw = header_value(headers, JOB_LABEL_HEADER)
     label = job_label(raw.decode("latin-1").strip()) if raw else None
     return dataclasses.replace(principal, job=label) if label else principal

@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +80,18 @@ if hasattr(os, "register_at_fork"):
 def _thousandths(value: float) -> float:
     """``value`` rounded to 3 decimals (a non-negative one; a third of ``round(value, 3)``'s cost)."""
     return int(value * 1000 + 0.5) / 1000
+
+
+def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lower case), or ``None``.
+
+    A plain loop: on the request path, ``next()`` over a generator expression costs 2-3 k instructions
+    more per call (bench/RESULTS.md, section 2c).
+    """
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
 
 
 def client_address(scope: Scope) -> str:
@@ -220,7 +233,7 @@ class ObservabilityMiddleware:
                 send = self._on_shutdown(send)
             await self.app(scope, receive, send)
             return
-        incoming = next((value for key, value in scope["headers"] if key == REQUEST_ID_HEADER), None)
+        incoming = header_value(scope["headers"], REQUEST_ID_HEADER)
         request_id = incoming.decode() if incoming and _REQUEST_ID.match(incoming) else new_request_id()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id

@@ -115,7 +115,11 @@ class UiMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if not self.root and scope["path"] not in _OWN_PATHS and not _has_cookie(scope["headers"]):
+        if (
+            not self.root
+            and scope["path"] not in _OWN_PATHS
+            and (self.codec is None or not _has_cookie(scope["headers"]))
+        ):
             # An API call (most requests): no page of this layer, no browser session to turn into a token.
             await self.app(scope, receive, send)
             return

@@ -83,9 +83,12 @@ def quote_path(path: str) -> str:
 
 def encode_query(query: Query) -> str:
     """Re-serialise a checked query (only what the gateway parsed is sent upstream)."""
-    return "&".join(
-        f"{quote_component(key)}={quote_component(value)}" for key, values in query.items() for value in values
-    )
+    parts = []  # a loop, not a generator expression: the cheaper one on the request path
+    for key, values in query.items():
+        quoted = quote_component(key)
+        for value in values:
+            parts.append(f"{quoted}={quote_component(value)}")
+    return "&".join(parts)
 
 
 def upstream_headers(scope: Scope, ex: Exchange, *, content_type: str | None) -> dict[str, str]:
