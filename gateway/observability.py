@@ -86,7 +86,7 @@ def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes |
     """The first value of header ``name`` (lower case), or ``None``.
 
     A plain loop: on the request path, ``next()`` over a generator expression costs 2-3 k instructions
-    more per call (bench/RESULTS.md, section 2c).
+    more per call (bench/RESULTS.md, section 2d).
     """
     for key, value in headers:
         if key == name:

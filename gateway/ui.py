@@ -60,6 +60,7 @@ from gateway.auth.session import (
 )
 from gateway.errors import BadRequest, EndpointNotFound, GatewayError, PermissionDenied, Unauthenticated
 from gateway.middleware import read_body, send_error
+from gateway.observability import header_value
 from gateway.policy.core import Access, Body, Exchange, Policy, Served
 from gateway.settings import Settings
 
@@ -118,7 +119,7 @@ class UiMiddleware:
         if (
             not self.root
             and scope["path"] not in _OWN_PATHS
-            and (self.codec is None or not _has_cookie(scope["headers"]))
+            and (self.codec is None or header_value(scope["headers"], b"cookie") is None)
         ):
             # An API call (most requests): no page of this layer, no browser session to turn into a token.
             await self.app(scope, receive, send)
@@ -432,10 +433,6 @@ def _cookie_names(headers: Iterable[tuple[bytes, bytes]]) -> set[str]:
 
 def _has_authorization(headers: list[tuple[bytes, bytes]]) -> bool:
     return any(key == b"authorization" for key, _ in headers)
-
-
-def _has_cookie(headers: list[tuple[bytes, bytes]]) -> bool:
-    return any(key == b"cookie" for key, _ in headers)
 
 
 def _session_cookie(headers: list[tuple[bytes, bytes]]) -> str | None:
