@@ -177,17 +177,14 @@ class Authenticator:
         The steady state of a client's requests, answered without a coroutine; :meth:`authenticate`
         does the rest.
         """
-        if len(token) > MAX_TOKEN_BYTES:
-            raise HeadersTooLarge("Token is too large")
-        cached = self._verified.get(_token_digest(token))
-        return cached[0] if cached is not None and cached[1] > self._clock() else None
+        return self._cached(self._digest(token))
 
     async def authenticate(self, token: str) -> Principal:
         """The Principal of a valid token; :class:`Unauthenticated` (401) or 403 otherwise."""
-        principal = self.recently_verified(token)
+        digest = self._digest(token)
+        principal = self._cached(digest)
         if principal is not None:
             return principal
-        digest = _token_digest(token)
         now = self._clock()
         try:
             header = jwt.get_unverified_header(token)
@@ -200,6 +197,17 @@ class Authenticator:
         if isinstance(expires, int | float):
             self._remember(digest, principal, min(float(expires), now + VERIFIED_CACHE_SECONDS))
         return principal
+
+    @staticmethod
+    def _digest(token: str) -> bytes:
+        """The verified-token cache's key: the token's SHA-256, never the token; a too large token is refused."""
+        if len(token) > MAX_TOKEN_BYTES:
+            raise HeadersTooLarge("Token is too large")
+        return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+    def _cached(self, digest: bytes) -> Principal | None:
+        cached = self._verified.get(digest)
+        return cached[0] if cached is not None and cached[1] > self._clock() else None
 
     def _select(self, issuer: Any) -> IssuerVerifier:
         if len(self.verifiers) == 1:
@@ -214,11 +222,6 @@ class Authenticator:
         self._verified.move_to_end(digest)
         if len(self._verified) > VERIFIED_CACHE_SIZE:
             self._verified.popitem(last=False)
-
-
-def _token_digest(token: str) -> bytes:
-    """What the verified-token cache is keyed by: the token's SHA-256, never the token itself."""
-    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
 
 def job_label(value: str) -> str | None:

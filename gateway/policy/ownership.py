@@ -186,13 +186,7 @@ class Ownership:
             return None
         owner = self.experiment_tenant.get(experiment_id)
         if owner is None:
-            owner = await self._fetch_experiment_owner_and_remember(experiment_id)
-        return owner
-
-    async def _fetch_experiment_owner_and_remember(self, experiment_id: str) -> str | None:
-        owner = await self._fetch_experiment_owner(experiment_id)
-        if owner is not None:
-            self.experiment_tenant.put(experiment_id, owner)
+            owner = await self._fetch_experiment_owner(experiment_id)
         return owner
 
     async def run_experiment_id(self, run_id: str) -> str | None:
@@ -225,7 +219,7 @@ class Ownership:
             raise run_not_found(run_id)
         owner = self.experiment_tenant.get(experiment_id)
         if owner is None:
-            owner = await self._fetch_experiment_owner_and_remember(experiment_id)
+            owner = await self._fetch_experiment_owner(experiment_id)
         if owner != tenant:
             raise run_not_found(run_id)
         return experiment_id
@@ -361,10 +355,14 @@ class Ownership:
         return await self._upstream.json_call("GET", path, headers=_LOOKUP_HEADERS)
 
     async def _fetch_experiment_owner(self, experiment_id: str) -> str | None:
+        """Ask the upstream who owns an experiment; a found owner is remembered."""
         status, body = await self._get("experiments/get", {"experiment_id": experiment_id})
         name = _dig(body, ("experiment", "name")) if status == 200 else None
         _raise_on_server_error(status)
-        return tenant_of_experiment_name(name) if isinstance(name, str) else None
+        owner = tenant_of_experiment_name(name) if isinstance(name, str) else None
+        if owner is not None:
+            self.experiment_tenant.put(experiment_id, owner)
+        return owner
 
     async def _fetch_parent(self, route: str, query: Mapping[str, str], info: tuple[str, str]) -> str | None:
         status, body = await self._get(route, query)
