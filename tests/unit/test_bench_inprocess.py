@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench_run import bench_report
 
 
 def test_the_in_process_benchmark_runs_both_apps_to_a_200() -> None:
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "inprocess.py"), "--rounds", "1", "--requests", "20"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout.splitlines()[-1])
+    report = bench_report("inprocess.py", "--rounds", "1", "--requests", "20", timeout=120)
     assert report["benchmark"] == "inprocess"
     assert set(report["cpu_us_per_req_best"]) == {"passthrough", "gateway"}
     assert all(value > 0 for value in report["cpu_us_per_req_best"].values())

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from instructions import build_report, instructions_in  # noqa: E402
+
+from tests.bench_run import bench_report  # noqa: E402
 
 
 def test_the_count_is_read_from_the_dumps_summary_line() -> None:
@@ -40,25 +40,16 @@ def test_the_gateways_extra_instructions_are_split_into_headers_access_log_and_t
 
 @pytest.mark.skipif(shutil.which("callgrind_control") is None, reason="valgrind is not installed")
 def test_a_smoke_run_counts_the_passthrough_and_the_cost_of_the_gateways_headers() -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "instructions.py"),
-            "--targets",
-            "passthrough,passthrough_gateway_headers",
-            "--requests",
-            "40",
-            "--warmup",
-            "20",
-        ],
-        capture_output=True,
-        text=True,
+    report = bench_report(
+        "instructions.py",
+        "--targets",
+        "passthrough,passthrough_gateway_headers",
+        "--requests",
+        "40",
+        "--warmup",
+        "20",
         timeout=600,
-        check=False,
-        cwd=ROOT,
     )
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout.splitlines()[-1])
     counts = report["instructions_per_request_k"]
     assert set(counts) == {"passthrough", "passthrough_gateway_headers"}
     assert counts["passthrough"] > 50  # a whole proxied request, not an idle server
