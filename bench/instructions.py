@@ -13,7 +13,7 @@ Targets, each served on 127.0.0.1 against ``overhead.py``'s canned upstream (``r
 
 * ``passthrough``: ``overhead.py``'s bare passthrough (pure ASGI + the gateway's ``UpstreamClient``);
 * ``passthrough_gateway_headers``: the same, sending the headers the gateway adds (upstream: X-Forwarded-For,
-  X-Forwarded-Proto, X-Request-Id; to the client: the three security headers and X-Request-Id);
+  X-Request-Id; to the client: the three security headers and X-Request-Id);
 * ``gateway``: ``mlflow-gateway serve`` with an HS256 secret, default settings, the run's owner cached;
 * ``gateway_no_access_log``: the same with ``GATEWAY_ACCESS_LOG=false``.
 

@@ -183,7 +183,7 @@ class PassthroughProxy:
         from gateway.http.upstream import UpstreamClient
 
         self.upstream = UpstreamClient(upstream_url)
-        # bench/instructions.py: the headers the gateway adds (upstream: forwarded-for/proto, a request id;
+        # bench/instructions.py: the headers the gateway adds (upstream: X-Forwarded-For, a request id;
         # response: the security headers and the request id), to tell their cost from the policy's.
         self.gateway_headers = gateway_headers
 
@@ -209,7 +209,6 @@ class PassthroughProxy:
         added: list[tuple[bytes, bytes]] = []
         if self.gateway_headers:
             headers["x-forwarded-for"] = client_address(scope)
-            headers["x-forwarded-proto"] = scope.get("scheme", "http")
             headers["x-request-id"] = request_id = new_request_id()
             added = [*SECURITY_HEADERS, (REQUEST_ID_HEADER, request_id.encode())]
         try:

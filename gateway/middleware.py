@@ -88,15 +88,22 @@ def credential_from_headers(headers: list[tuple[bytes, bytes]]) -> str | None:
     only send a username and password (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``): the password is
     the token and the username is ignored.
     """
-    values = [value for key, value in headers if key == b"authorization"]
-    if not values:
+    raw = None
+    for key, value in headers:  # a plain loop: the cheapest on the request path
+        if key == b"authorization":
+            if raw is not None:
+                raise BadRequest("More than one Authorization header")
+            raw = value
+    if raw is None:
         return None
-    if len(values) > 1:
-        raise BadRequest("More than one Authorization header")
-    raw = values[0]
     if len(raw) > MAX_TOKEN_BYTES + 16:
         raise HeadersTooLarge("Authorization header is too large")
-    scheme, _, credentials = raw.decode("latin-1").strip().partition(" ")
+    text = raw.decode("latin-1")
+    if text.startswith("Bearer "):  # the usual spelling, without the general case's splitting
+        token = text[7:].strip()
+        if token:
+            return token
+    scheme, _, credentials = text.strip().partition(" ")
     credentials = credentials.strip()
     if scheme.lower() == "bearer" and credentials:
         return credentials

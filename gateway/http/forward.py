@@ -98,8 +98,10 @@ def upstream_headers(scope: Scope, ex: Exchange, *, content_type: str | None) ->
         if key in _FORWARDED_REQUEST_HEADERS:
             headers[key.decode("latin-1")] = value.decode("latin-1")
     # Always set: MLflow's assistant trusts loopback callers without X-Forwarded-For (mlflow-api §9g).
+    # No X-Forwarded-Proto: the gateway serves plain HTTP (TLS ends in front of it), so it could only
+    # ever say "http", which is what MLflow assumes without it; each header sent costs ~4 k
+    # instructions in aiohttp (bench/RESULTS.md section 2e). A client's X-Forwarded-* never passes.
     headers["x-forwarded-for"] = client_address(scope)
-    headers["x-forwarded-proto"] = scope.get("scheme", "http")
     headers["x-request-id"] = ex.request_id
     headers["accept-encoding"] = "identity"
     if content_type:

@@ -7,9 +7,8 @@ then the response) or a :class:`Deny` with its reason. A request step may raise 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum, IntEnum
 from typing import TYPE_CHECKING, Any
 
@@ -56,38 +55,73 @@ class Services:
     artifacts: ArtifactStore | None = None
 
 
-@dataclass
 class Exchange:
-    """One request as the policy steps see it; steps rewrite ``query``/``body`` in place."""
+    """One request as the policy steps see it; steps rewrite ``query``/``body`` in place.
 
-    principal: Principal | None
-    method: str
-    path: str
-    path_params: dict[str, str]
-    query: Query
-    body: JsonObject | None
-    services: Services
-    request_id: str
-    # What the response phase may need from the request phase (e.g. the owned experiment id).
-    notes: dict[str, Any] = field(default_factory=dict)
-    # Body.RAW routes only: the request body bytes (a step may replace them with a checked form).
-    raw_body: bytes = b""
-    # The request headers as the server gave them (lower-case names); see ``headers``.
-    raw_headers: Sequence[tuple[bytes, bytes]] = ()
-    # Headers a step checked and wants sent upstream, on top of the built allow-list (e.g. OTLP's
-    # ``x-mlflow-experiment-id`` once its experiment is known to be the caller's).
-    forward_headers: dict[str, str] = field(default_factory=dict)
+    A plain slotted class with its own ``__init__``: one is made per request, and a dataclass's
+    generated one (default factories, an instance dict) cost twice as much (bench/RESULTS.md 2e).
+    """
 
-    @functools.cached_property
+    __slots__ = (
+        "_headers",
+        "body",
+        "forward_headers",
+        "method",
+        "notes",
+        "path",
+        "path_params",
+        "principal",
+        "query",
+        "raw_body",
+        "raw_headers",
+        "request_id",
+        "services",
+    )
+
+    def __init__(
+        self,
+        principal: Principal | None,
+        method: str,
+        path: str,
+        path_params: dict[str, str],
+        query: Query,
+        body: JsonObject | None,
+        services: Services,
+        request_id: str,
+        raw_body: bytes = b"",
+        raw_headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
+        self.principal = principal
+        self.method = method
+        self.path = path
+        self.path_params = path_params
+        self.query = query
+        self.body = body
+        self.services = services
+        self.request_id = request_id
+        # What the response phase may need from the request phase (e.g. the owned experiment id).
+        self.notes: dict[str, Any] = {}
+        # Body.RAW routes only: the request body bytes (a step may replace them with a checked form).
+        self.raw_body = raw_body
+        # The request headers as the server gave them (lower-case names); see ``headers``.
+        self.raw_headers = raw_headers
+        # Headers a step checked and wants sent upstream, on top of the built allow-list (e.g. OTLP's
+        # ``x-mlflow-experiment-id`` once its experiment is known to be the caller's).
+        self.forward_headers: dict[str, str] = {}
+        self._headers: dict[str, list[str]] | None = None
+
+    @property
     def headers(self) -> dict[str, list[str]]:
         """The request headers by lower-case name, every value kept (so steps can refuse duplicates).
 
         Built on first use: few routes read headers (Body.RAW ones), every request would pay for it.
         """
-        headers: dict[str, list[str]] = {}
-        for key, value in self.raw_headers:
-            headers.setdefault(key.decode("latin-1").lower(), []).append(value.decode("latin-1"))
-        return headers
+        if self._headers is None:
+            headers: dict[str, list[str]] = {}
+            for key, value in self.raw_headers:
+                headers.setdefault(key.decode("latin-1").lower(), []).append(value.decode("latin-1"))
+            self._headers = headers
+        return self._headers
 
     @property
     def caller(self) -> Principal:

@@ -70,12 +70,18 @@ def _compile(template: str) -> re.Pattern[str]:
     return re.compile("".join(parts))
 
 
-@dataclass(frozen=True)
 class Match:
-    """A matched route and its path parameters."""
+    """A matched route and its path parameters (read-only by convention).
 
-    route: Route
-    params: dict[str, str]
+    A plain slotted class: a frozen dataclass's ``__init__`` costs ~3 k instructions per request
+    (bench/RESULTS.md section 2e), and a static route's one match is made once, in the table.
+    """
+
+    __slots__ = ("params", "route")
+
+    def __init__(self, route: Route, params: dict[str, str]) -> None:
+        self.route = route
+        self.params = params
 
 
 class RouteTable:
@@ -83,7 +89,7 @@ class RouteTable:
 
     def __init__(self, routes: Iterable[Route]) -> None:
         self._routes: list[Route] = []
-        self._static: dict[tuple[str, str], Route] = {}
+        self._static: dict[tuple[str, str], Match] = {}
         self._templated: dict[str, list[tuple[re.Pattern[str], Route]]] = {}
         for route in routes:
             key = (route.method, route.template)
@@ -96,16 +102,16 @@ class RouteTable:
                 if not _PLAIN_TEMPLATE.fullmatch(route.template):
                     # The gateway sends a static route's path upstream as it is (Gateway._forward).
                     raise ValueError(f"static route {route.template!r} would need percent-encoding")
-                self._static[key] = route
+                self._static[key] = Match(route, {})
 
     def _by(self, method: str) -> list[tuple[re.Pattern[str], Route]]:
         return self._templated.get(method, [])
 
     def match(self, method: str, path: str) -> Match | None:
         """The entry for a canonical path, or ``None`` (which the caller refuses)."""
-        route = self._static.get((method, path))
-        if route is not None:
-            return Match(route, {})
+        static = self._static.get((method, path))
+        if static is not None:
+            return static
         for pattern, candidate in self._by(method):
             found = pattern.fullmatch(path)
             if found is not None:

@@ -16,6 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+import gateway.auth.jwt as jwt_module
 from gateway.auth.jwt import Authenticator, IssuerVerifier
 from gateway.auth.keys import JwksKeys, OidcKeys, StaticKey
 from gateway.auth.principal import access_level, is_valid_tenant_id
@@ -265,8 +266,32 @@ def test_recently_verified_answers_only_a_verified_unexpired_token() -> None:
     assert authenticator.recently_verified(short + "x") is None  # another token, not a prefix match
     clock.now += 6  # past the token's exp
     assert authenticator.recently_verified(short) is None
+    huge = "x" * 100_000
+    assert authenticator.recently_verified(huge) is None
     with pytest.raises(HeadersTooLarge):
-        authenticator.recently_verified("x" * 100_000)
+        _verify(authenticator, huge)
+
+
+def test_verified_token_cache_is_bounded_by_count_and_by_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only verified tokens enter the cache, and the oldest leave it first once either bound is passed."""
+    authenticator = _hs_authenticator()
+    tokens = [raw_token({**CLAIMS, "sub": f"user-{i}", "pad": "p" * 600}) for i in range(6)]
+    size = len(tokens[0])
+    assert all(len(each) == size for each in tokens)
+    monkeypatch.setattr(jwt_module, "VERIFIED_CACHE_BYTES", 3 * size)
+    for each in tokens[:4]:
+        _verify(authenticator, each)
+    assert list(authenticator._verified) == tokens[1:4]  # 4 tokens exceed 3 tokens' bytes: the oldest left
+    assert authenticator._verified_bytes == 3 * size
+    _verify(authenticator, tokens[3])  # verified again: refreshed, not counted twice
+    assert authenticator._verified_bytes == 3 * size and list(authenticator._verified)[-1] == tokens[3]
+    monkeypatch.setattr(jwt_module, "VERIFIED_CACHE_SIZE", 2)
+    _verify(authenticator, tokens[4])
+    assert list(authenticator._verified) == [tokens[3], tokens[4]]
+    assert authenticator._verified_bytes == 2 * size
+    with pytest.raises(Unauthenticated):
+        _verify(authenticator, tokens[5][:-3] + "AAA")  # a bad signature is never cached
+    assert list(authenticator._verified) == [tokens[3], tokens[4]]
 
 
 # -- public keys: HS/RS confusion, PEM ----------------------------------------------------------------
