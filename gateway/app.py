@@ -114,14 +114,90 @@ class Gateway:
             self.services = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one request: the whole pipeline in this one coroutine.
+
+        One frame, not three (handle, forward): every coroutine frame of the chain is entered again
+        each time the request resumes from an upstream wait (bench/RESULTS.md section 2e).
+        """
         if scope["type"] == "lifespan":
             await _run_lifespan(self, receive, send)
             return
         if scope["type"] != "http":  # websockets: MLflow has none
             return
-        request_id: str = scope.setdefault("state", {}).get("request_id", "-")
+        state = scope.setdefault("state", {})
+        request_id: str = state.get("request_id", "-")
         try:
-            await self._handle(scope, receive, send, request_id)
+            services = self.services
+            if services is None:
+                raise GatewayError("Gateway is not started")
+            method: str = scope["method"]
+            path = canonical_path(scope.get("raw_path") or scope["path"].encode("utf-8"))
+            match = self.table.match(method, path)
+            if match is None:
+                raise PermissionDenied(f"{method} {path} is not an endpoint the gateway allows")
+            set_route(match.route.template)
+            action = match.route.action
+            if isinstance(action, Deny):
+                raise action.error()
+            if isinstance(action, Local):
+                await self._local(action, services, send, draining=bool(state.get(DRAINING_STATE_KEY)))
+                return
+            principal = state.get("principal")
+            authenticated = action.authenticated if isinstance(action, Policy) else True
+            if authenticated and principal is None:
+                raise Unauthenticated("Authentication required: send 'Authorization: Bearer <token>'")
+            if principal is not None and access_level(principal) < action.access:
+                raise PermissionDenied(f"This operation needs the '{ROLE_FOR_ACCESS[action.access]}' role")
+            admin_view = principal is not None and principal.platform_admin
+            if admin_view:
+                action = _platform_admin_view(action, principal, method, path, request_id)
+            body_kind = action.body
+            body_limit = self.settings.max_body_bytes if body_kind is BODY_STREAM else self.settings.max_json_body_bytes
+            # 413 before reading a body declared too large.
+            has_body = refuse_declared_oversize(scope["headers"], body_limit)
+            query = parse_query(scope.get("query_string", b""))
+            raw_body = b""
+            body = None
+            if body_kind is not BODY_STREAM:
+                if has_body:
+                    raw_body = await read_body(
+                        receive,
+                        limit=body_limit,
+                        too_large=lambda: PayloadTooLarge(f"Request body exceeds {body_limit} bytes"),
+                    )
+                body = _parse_body(action, method, raw_body, normalise=not admin_view)
+            ex = Exchange(
+                principal,
+                method,
+                path,
+                match.params,
+                query,
+                body,
+                services,
+                request_id,
+                raw_body if body_kind is BODY_RAW else b"",
+                scope["headers"],
+            )
+            if isinstance(action, Served):
+                await action.handler(ex, receive, send)
+                return
+            for step in action.request:
+                await step(ex)
+            # Forward: the checked request, re-serialised.
+            content = dump_json(ex.body) if ex.body is not None else None
+            headers = upstream_headers(scope, ex, content_type="application/json" if content is not None else None)
+            if body_kind is BODY_RAW:  # the checked bytes a step left; its content type is in forward_headers
+                content = ex.raw_body
+            # The path was decoded once for checking: re-encode it (quote_path says why). A path without
+            # parameters is a route template itself, which the route table checked needs no encoding.
+            target = quote_path(ex.path) if ex.path_params else ex.path
+            if ex.query:
+                target += f"?{encode_query(ex.query)}"
+            response = await services.upstream.send(ex.method, target, headers=headers, body=content)
+            try:
+                await send_upstream_response(ex, action, response, receive, send)
+            finally:
+                response.close()
         except GatewayError as error:
             if _response_started():  # too late for an error answer
                 raise
@@ -132,81 +208,6 @@ class Gateway:
             if _response_started():
                 raise
             await send_error(send, GatewayError("Internal gateway error"), request_id=request_id)
-
-    async def _handle(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
-        services = self.services
-        if services is None:
-            raise GatewayError("Gateway is not started")
-        method: str = scope["method"]
-        path = canonical_path(scope.get("raw_path") or scope["path"].encode("utf-8"))
-        match = self.table.match(method, path)
-        if match is None:
-            raise PermissionDenied(f"{method} {path} is not an endpoint the gateway allows")
-        set_route(match.route.template)
-        action = match.route.action
-        if isinstance(action, Deny):
-            raise action.error()
-        if isinstance(action, Local):
-            await self._local(action, services, send, draining=bool(scope["state"].get(DRAINING_STATE_KEY)))
-            return
-        principal = scope["state"].get("principal")
-        authenticated = action.authenticated if isinstance(action, Policy) else True
-        if authenticated and principal is None:
-            raise Unauthenticated("Authentication required: send 'Authorization: Bearer <token>'")
-        if principal is not None and access_level(principal) < action.access:
-            raise PermissionDenied(f"This operation needs the '{ROLE_FOR_ACCESS[action.access]}' role")
-        admin_view = principal is not None and principal.platform_admin
-        if admin_view:
-            action = _platform_admin_view(action, principal, method, path, request_id)
-        body_limit = self.settings.max_body_bytes if action.body is BODY_STREAM else self.settings.max_json_body_bytes
-        # 413 before reading a body declared too large.
-        has_body = refuse_declared_oversize(scope["headers"], body_limit)
-        query = parse_query(scope.get("query_string", b""))
-        raw_body = b""
-        body = None
-        if action.body is not BODY_STREAM:
-            if has_body:
-                raw_body = await read_body(
-                    receive,
-                    limit=body_limit,
-                    too_large=lambda: PayloadTooLarge(f"Request body exceeds {body_limit} bytes"),
-                )
-            body = _parse_body(action, method, raw_body, normalise=not admin_view)
-        ex = Exchange(
-            principal=principal,
-            method=method,
-            path=path,
-            path_params=match.params,
-            query=query,
-            body=body,
-            services=services,
-            request_id=request_id,
-            raw_body=raw_body if action.body is BODY_RAW else b"",
-            raw_headers=scope["headers"],
-        )
-        if isinstance(action, Served):
-            await action.handler(ex, receive, send)
-            return
-        for step in action.request:
-            await step(ex)
-        await self._forward(scope, ex, action, receive, send)
-
-    async def _forward(self, scope: Scope, ex: Exchange, policy: Policy, receive: Receive, send: Send) -> None:
-        assert self.services is not None
-        content = dump_json(ex.body) if ex.body is not None else None
-        headers = upstream_headers(scope, ex, content_type="application/json" if content is not None else None)
-        if policy.body is BODY_RAW:  # the checked bytes a step left; its content type is in forward_headers
-            content = ex.raw_body
-        # The path was decoded once for checking: re-encode it (quote_path says why). A path without
-        # parameters is a route template itself, which the route table checked needs no encoding.
-        target = quote_path(ex.path) if ex.path_params else ex.path
-        if ex.query:
-            target += f"?{encode_query(ex.query)}"
-        response = await self.services.upstream.send(ex.method, target, headers=headers, body=content)
-        try:
-            await send_upstream_response(ex, policy, response, receive, send)
-        finally:
-            response.close()
 
     async def _local(self, action: Local, services: Services, send: Send, *, draining: bool = False) -> None:
         if action.name not in ("health", "ready"):  # UI pages are answered by UiMiddleware, never here

@@ -188,7 +188,8 @@ class GatewayMetrics:
     def request_started(self) -> None:
         """One more request in flight."""
         self.in_flight_now += 1
-        self._flush_later()
+        if self.multiprocess:  # tested here, not in _flush_later: a call less per request otherwise
+            self._flush_later()
 
     def request_finished(self) -> None:
         """One request fewer in flight."""
@@ -201,8 +202,10 @@ class GatewayMetrics:
         pending = self._durations.get(route)
         if pending is None:
             pending = self._durations[route] = _PendingHistogram()
-        pending.observe(seconds)
-        self._flush_later()
+        pending.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1  # pending.observe(), inlined
+        pending.total += seconds
+        if self.multiprocess:
+            self._flush_later()
 
     def upstream_call(self, seconds: float) -> None:
         """Count one upstream call: the time until its response headers arrived (or it failed)."""
@@ -239,8 +242,8 @@ class GatewayMetrics:
             self._in_flight_flushed = self.in_flight_now
 
     def _flush_later(self) -> None:
-        """Multiprocess mode: have a flush due within FLUSH_INTERVAL_SECONDS (another worker may answer the scrape)."""
-        if not self.multiprocess or self._flush_timer is not None:
+        """Have a flush due within FLUSH_INTERVAL_SECONDS (multiprocess mode only: the callers check it)."""
+        if self._flush_timer is not None:
             return
         try:
             loop = asyncio.get_running_loop()

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.auth.jwt import MAX_TOKEN_BYTES, Authenticator, job_label
 from gateway.auth.principal import Principal
 from gateway.errors import BadRequest, GatewayError, HeadersTooLarge, Unauthenticated, error_body
-from gateway.observability import REQUEST_ID_HEADER, header_value, note_error
+from gateway.observability import REQUEST_ID_HEADER, handoff_of, header_value, note_error
 
 JOB_LABEL_HEADER = b"x-matih-job-id"
 
@@ -133,6 +133,33 @@ class AuthenticationMiddleware:
         self.app = app
         self.authenticator = authenticator
         self.is_public = is_public
+        self._next_handoff = handoff_of(app)
+
+    def handoff(self, scope: Scope) -> ASGIApp:
+        """The steady state without a coroutine: a recently verified token (or a public path without one).
+
+        Sets the principal as :meth:`__call__` would and returns the next app; this layer itself when
+        a token must be verified or the request refused (``__call__`` then does all of it).
+        """
+        if scope["type"] != "http":
+            return self
+        headers = scope["headers"]
+        try:
+            token = credential_from_headers(headers)
+        except GatewayError:
+            return self
+        if token is None:
+            if not self.is_public(scope["path"]):
+                return self
+            principal = None
+        else:
+            cached = self.authenticator.recently_verified(token)
+            if cached is None:
+                return self
+            principal = _with_job_label(cached, headers)
+        scope.setdefault("state", {})["principal"] = principal
+        handoff = self._next_handoff
+        return self.app if handoff is None else handoff(scope)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -4,7 +4,7 @@
 :class:`RequestRecord` per HTTP request in a context variable; small hooks fill it from where the
 facts are known:
 
-- :func:`set_route`: the matched route template (``Gateway._handle``),
+- :func:`set_route`: the matched route template (``Gateway.__call__``),
 - :func:`note_upstream` / :func:`note_upstream_error`: time, calls and failures of upstream calls
   (``UpstreamClient``),
 - :func:`note_error`: every error the gateway answers itself (``send_error``), so every denial, from
@@ -20,13 +20,14 @@ cookie, a query string or a body: only who, what, how it ended and why.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import itertools
 import logging
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -65,12 +66,13 @@ _FRONT_HEADER_NAMES = frozenset({REQUEST_ID_HEADER, *(name for name, _ in SECURI
 
 def _new_request_id_source() -> None:
     """A fresh random prefix and counter for this process (again in a forked child, so ids never repeat)."""
-    global _request_id_prefix, _request_id_counter
-    _request_id_prefix = os.urandom(8).hex()
+    global _request_id_base, _request_id_counter
+    # 64 random bits, the top one set, above a 64-bit counter: hex() always gives 32 digits, no padding.
+    _request_id_base = (int.from_bytes(os.urandom(8), "big") | 1 << 63) << 64
     _request_id_counter = itertools.count()
 
 
-_request_id_prefix = ""
+_request_id_base = 0
 _request_id_counter = itertools.count()
 _new_request_id_source()
 if hasattr(os, "register_at_fork"):
@@ -89,6 +91,20 @@ def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes |
     return None
 
 
+def handoff_of(app: ASGIApp) -> Callable[[Scope], ASGIApp] | None:
+    """``app``'s ``handoff(scope)`` method, when it is a layer that can be passed without a coroutine of its own.
+
+    A layer's ``handoff`` does the layer's work for ``scope`` that needs no waiting (a check, a cached
+    token) and returns the app that serves the request next: the layer itself when it has more to do
+    (a page, a token to verify, an answer to send), else what comes after it. The layer before calls
+    that app directly, so a request passing a layer adds no coroutine frame: a frame is entered again
+    every time the request resumes from an upstream wait, ~6 k instructions per layer per request
+    (bench/RESULTS.md section 2e).
+    """
+    handoff = getattr(app, "handoff", None)
+    return handoff if callable(handoff) else None
+
+
 def client_address(scope: Scope) -> str:
     """The client's address as the socket gives it (never a header), or ``unknown``."""
     client = scope.get("client")
@@ -99,9 +115,11 @@ def new_request_id() -> str:
     """32 hex digits like ``uuid4().hex``: a random per-process prefix and a counter.
 
     Unique, not secret (it is echoed to the client and written to logs), so no random bytes (a system
-    call) per request: the process's 64-bit random prefix keeps ids of different processes apart.
+    call) per request: the process's random prefix (63 bits) keeps ids of different processes apart.
+    ``hex()`` of one integer costs half a format string (bench/RESULTS.md section 2e); the counter
+    would need 2**64 requests to reach the prefix.
     """
-    return f"{_request_id_prefix}{next(_request_id_counter) & 0xFFFFFFFFFFFFFFFF:016x}"
+    return hex(_request_id_base + next(_request_id_counter))[2:]
 
 
 @dataclass(slots=True)
@@ -221,6 +239,7 @@ class ObservabilityMiddleware:
         self.access_log = access_log
         self.root_path = root_path
         self.metrics_path = f"{root_path}/metrics"
+        self._handoff = handoff_of(app)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -235,7 +254,6 @@ class ObservabilityMiddleware:
         path: str = scope["path"]
         method: str = scope["method"]
         record = RequestRecord(request_id, method, path, time.perf_counter(), self.metrics, client_address(scope))
-        app = self.metrics_endpoint if path == self.metrics_path and method == "GET" else self.app
         response_headers = (*SECURITY_HEADERS, (REQUEST_ID_HEADER, request_id.encode()))
 
         async def counting_receive() -> Message:
@@ -258,6 +276,12 @@ class ObservabilityMiddleware:
         context = _current.set(record)
         self.metrics.request_started()
         try:
+            app: ASGIApp
+            if path == self.metrics_path and method == "GET":
+                app = self.metrics_endpoint
+            else:
+                handoff = self._handoff
+                app = self.app if handoff is None else handoff(scope)
             await app(scope, counting_receive, front_send)
         finally:
             self.metrics.request_finished()
@@ -349,21 +373,25 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def __init__(self) -> None:
         super().__init__()
-        self._pending: list[str] = []
+        # A deque: the event loop appends without the lock, the writer takes lines out one by one
+        # under it, so a line appended meanwhile is never lost.
+        self._pending: collections.deque[str] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
 
     def write_line(self, line: str) -> bool:
         """Write an already formatted line, as emit() would for a ``%(message)s`` record; False on failure."""
+        pending = self._pending
+        pending.append(line)
+        if self._timer is not None and len(pending) < ACCESS_LOG_BATCH_LINES:
+            return True  # most lines: a write is already due
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop to flush later: write it now
             loop = None
-        with self.lock:  # type: ignore[union-attr]  # what acquire()/release() take, without their calls
-            self._pending.append(line)
-            if loop is None or len(self._pending) >= ACCESS_LOG_BATCH_LINES:
+        if loop is None or len(pending) >= ACCESS_LOG_BATCH_LINES:
+            with self.lock:  # type: ignore[union-attr]  # what acquire()/release() take, without their calls
                 return self._write_pending()
-            if self._timer is None:
-                self._timer = loop.call_later(ACCESS_LOG_FLUSH_SECONDS, self._flush_soon)
+        self._timer = loop.call_later(ACCESS_LOG_FLUSH_SECONDS, self._flush_soon)
         return True
 
     def _flush_soon(self) -> None:
@@ -380,9 +408,12 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def _write_pending(self) -> bool:
         """Write the collected lines (the caller holds the lock); False when the stream failed."""
-        if not self._pending:
+        pending = self._pending
+        if not pending:
             return True
-        lines, self._pending = self._pending, []
+        lines = []
+        while pending:
+            lines.append(pending.popleft())
         try:
             self.stream.write(self.terminator.join(lines) + self.terminator)
             self.stream.flush()

@@ -60,7 +60,7 @@ from gateway.auth.session import (
 )
 from gateway.errors import BadRequest, EndpointNotFound, GatewayError, PermissionDenied, Unauthenticated
 from gateway.middleware import read_body, send_error
-from gateway.observability import header_value
+from gateway.observability import handoff_of, header_value
 from gateway.policy.core import Access, Body, Exchange, Policy, Served
 from gateway.settings import Settings
 
@@ -111,17 +111,25 @@ class UiMiddleware:
         # form-action governs redirects after a form submission too.
         extra = f" {self.oidc.end_session_origin}" if self.oidc is not None else ""
         self._csp = _PAGE_CSP.format(extra).encode("latin-1")
+        self._next_handoff = handoff_of(app)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        if (
+    def _passes(self, scope: Scope) -> bool:
+        """An API call (most requests): no page of this layer, no browser session to turn into a token."""
+        return (
             not self.root
             and scope["path"] not in _OWN_PATHS
             and (self.codec is None or header_value(scope["headers"], b"cookie") is None)
-        ):
-            # An API call (most requests): no page of this layer, no browser session to turn into a token.
+        )
+
+    def handoff(self, scope: Scope) -> ASGIApp:
+        """The next app for a request this layer passes on as it is (see :func:`gateway.observability.handoff_of`)."""
+        if scope["type"] != "http" or not self._passes(scope):
+            return self
+        handoff = self._next_handoff
+        return self.app if handoff is None else handoff(scope)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self._passes(scope):
             await self.app(scope, receive, send)
             return
         request_id = scope.setdefault("state", {}).get("request_id")

@@ -25,17 +25,19 @@ from gateway.middleware import client_disconnect
 from gateway.observability import client_address
 from gateway.policy.core import Exchange, Policy
 
-# Client headers that may be passed upstream (lower-case). Everything else is dropped.
-_FORWARDED_REQUEST_HEADERS = frozenset(
-    {
+# Client headers that may be passed upstream (lower-case), with the name they are sent under.
+# Everything else is dropped.
+_FORWARDED_REQUEST_HEADERS = {
+    name: name.decode("latin-1")
+    for name in (
         b"accept",
         b"accept-language",
         b"user-agent",
         b"x-mlflow-client-version",
         b"if-none-match",
         b"if-modified-since",
-    }
-)
+    )
+}
 # Upstream response headers passed back to the client (content-length is handled on its own).
 _RETURNED_RESPONSE_HEADERS = frozenset(
     {
@@ -95,19 +97,20 @@ def upstream_headers(scope: Scope, ex: Exchange, *, content_type: str | None) ->
     """Build the upstream request headers: allow-listed client headers plus the gateway's own."""
     headers: dict[str, str] = {}
     for key, value in scope["headers"]:
-        if key in _FORWARDED_REQUEST_HEADERS:
-            headers[key.decode("latin-1")] = value.decode("latin-1")
+        name = _FORWARDED_REQUEST_HEADERS.get(key)
+        if name is not None:
+            headers[name] = value.decode("latin-1")
     # Always set: MLflow's assistant trusts loopback callers without X-Forwarded-For (mlflow-api §9g).
     # No X-Forwarded-Proto: the gateway serves plain HTTP (TLS ends in front of it), so it could only
-    # ever say "http", which is what MLflow assumes without it; each header sent costs ~4 k
-    # instructions in aiohttp (bench/RESULTS.md section 2e). A client's X-Forwarded-* never passes.
+    # ever say "http", which is what MLflow assumes without it. A client's X-Forwarded-* never passes.
     headers["x-forwarded-for"] = client_address(scope)
     headers["x-request-id"] = ex.request_id
     headers["accept-encoding"] = "identity"
     if content_type:
         headers["content-type"] = content_type
     # Headers a policy step checked (e.g. an owned experiment id) and asked to forward.
-    headers.update(ex.forward_headers)
+    if ex.forward_headers:
+        headers.update(ex.forward_headers)
     return headers
 
 
@@ -142,7 +145,7 @@ async def send_upstream_response(
     """
     headers, content_type, length = _response_headers(response.headers)
     is_json = content_type.startswith(b"application/json")
-    if response.status < 400 and not (policy.buffers_response and is_json):
+    if response.status < 400 and not (policy.response and is_json):  # no rewriting step: not buffered
         if length is not None:
             headers.append((b"content-length", length))
             if read_whole(length):

@@ -153,16 +153,12 @@ class Policy:
     """A route that is forwarded after its request steps, with its response steps applied."""
 
     request: tuple[RequestStep, ...] = ()
+    # A successful response is buffered only when one of these steps rewrites it (design rule 10).
     response: tuple[ResponseStep, ...] = ()
     body: Body = Body.JSON
     access: Access = Access.WRITE
     authenticated: bool = True
     description: str = ""
-
-    @property
-    def buffers_response(self) -> bool:
-        """A successful response is buffered only when a step rewrites it (design rule 10)."""
-        return bool(self.response)
 
 
 @dataclass(frozen=True)

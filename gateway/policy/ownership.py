@@ -204,6 +204,25 @@ class Ownership:
             self.run_experiment.put(run_id, experiment_id)
         return experiment_id
 
+    def cached_owned_run(self, tenant: str, run_id: str) -> str | None:
+        """:meth:`require_run`'s answer when both facts are cached and the run is ``tenant``'s, else ``None``.
+
+        The steady state of run-scoped requests, answered without a coroutine (bench/RESULTS.md section
+        2e). ``None`` says nothing (not cached, malformed or not owned): the caller then awaits
+        :meth:`require_run`, which counts the look-ups; only a success is counted here.
+        """
+        # No shape checks needed here: a key of either cache was checked before it was looked up
+        # upstream, or is an id MLflow itself answered (create and search responses: remember_*).
+        runs, experiments = self.run_experiment, self.experiment_tenant
+        experiment_id = runs._data.get(run_id)
+        if experiment_id is None or experiments._data.get(experiment_id) != tenant:
+            return None
+        runs._data.move_to_end(run_id)
+        experiments._data.move_to_end(experiment_id)
+        runs.hits += 1
+        experiments.hits += 1
+        return experiment_id
+
     async def require_run(self, tenant: str, run_id: str) -> str:
         """Pass when the run's experiment is the tenant's; return that experiment id.
 

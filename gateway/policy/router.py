@@ -100,7 +100,7 @@ class RouteTable:
                 self._templated.setdefault(route.method, []).append((_compile(route.template), route))
             else:
                 if not _PLAIN_TEMPLATE.fullmatch(route.template):
-                    # The gateway sends a static route's path upstream as it is (Gateway._forward).
+                    # The gateway sends a static route's path upstream as it is (Gateway.__call__).
                     raise ValueError(f"static route {route.template!r} would need percent-encoding")
                 self._static[key] = Match(route, {})
 

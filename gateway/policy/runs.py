@@ -27,7 +27,10 @@ def require_owned_run(field: str = "run_id", *, aliases: tuple[str, ...] = RUN_I
 
     async def step(ex: Exchange) -> None:
         run_id = require_string(ex, field, aliases=aliases)
-        ex.notes["experiment_id"] = await ex.services.ownership.require_run(ex.tenant, run_id)
+        ownership, tenant = ex.services.ownership, ex.tenant
+        ex.notes["experiment_id"] = ownership.cached_owned_run(tenant, run_id) or await ownership.require_run(
+            tenant, run_id
+        )
 
     return step
 

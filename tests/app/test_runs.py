@@ -317,6 +317,23 @@ def test_foreign_ownership_is_cached_too(client: httpx.Client, fake: FakeUpstrea
     assert len(fake.lookups()) == 2
 
 
+def test_a_run_cached_by_its_owner_stays_missing_for_another_tenant(client: httpx.Client, fake: FakeUpstream) -> None:
+    """Both facts cached by the owner's requests (the look-up-free path): another tenant still gets MLflow's 404."""
+    _, _, foreign = _own_and_foreign(fake)
+    tag = {"run_id": foreign, "key": "k", "value": "v"}
+    for _ in range(2):
+        assert client.get(f"{API}/runs/get", params={"run_id": foreign}, headers=GLOBEX).status_code == 200
+        assert client.post(f"{API}/runs/set-tag", json=tag, headers=GLOBEX).status_code == 200
+    not_found = f"Run with id={foreign} not found"
+    for _ in range(2):
+        response = client.get(f"{API}/runs/get", params={"run_id": foreign}, headers=ACME)
+        assert_mlflow_error(response, 404, "RESOURCE_DOES_NOT_EXIST", not_found)
+        response = client.post(f"{API}/runs/set-tag", json=tag, headers=ACME)
+        assert_mlflow_error(response, 404, "RESOURCE_DOES_NOT_EXIST", not_found)
+    assert len(fake.lookups()) == 2  # looked up once, for the owner's first request
+    assert len(fake.forwarded("GET", "runs/get")) == len(fake.forwarded("POST", "runs/set-tag")) == 2  # the owner's
+
+
 def test_created_run_is_owned_without_a_lookup(client: httpx.Client, fake: FakeUpstream) -> None:
     experiment_id = fake.add_experiment("acme", "mine")
     client.get(f"{API}/experiments/get", params={"experiment_id": experiment_id}, headers=ACME)
