@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.artifacts.s3 import ArtifactStore, store_from_environment
 from gateway.auth.jwt import Authenticator
-from gateway.auth.principal import ADMIN, EDITOR, VIEWER, Principal, access_level
+from gateway.auth.principal import ADMIN, EDITOR, VIEWER, Principal
 from gateway.errors import (
     BadRequest,
     EndpointNotFound,
@@ -146,7 +146,7 @@ class Gateway:
             authenticated = action.authenticated if isinstance(action, Policy) else True
             if authenticated and principal is None:
                 raise Unauthenticated("Authentication required: send 'Authorization: Bearer <token>'")
-            if principal is not None and access_level(principal) < action.access:
+            if principal is not None and principal.level < action.access:  # access_level(), computed once
                 raise PermissionDenied(f"This operation needs the '{ROLE_FOR_ACCESS[action.access]}' role")
             admin_view = principal is not None and principal.platform_admin
             if admin_view:
@@ -182,7 +182,9 @@ class Gateway:
                 await action.handler(ex, receive, send)
                 return
             for step in action.request:
-                await step(ex)
+                pending = step(ex)  # None: decided without waiting (RequestStep)
+                if pending is not None:
+                    await pending
             # Forward: the checked request, re-serialised.
             content = dump_json(ex.body) if ex.body is not None else None
             headers = upstream_headers(scope, ex, content_type="application/json" if content is not None else None)

@@ -253,7 +253,10 @@ class ObservabilityMiddleware:
         state["request_id"] = request_id
         path: str = scope["path"]
         method: str = scope["method"]
-        record = RequestRecord(request_id, method, path, time.perf_counter(), self.metrics, client_address(scope))
+        client = scope.get("client")  # client_address(scope), inlined
+        record = RequestRecord(
+            request_id, method, path, time.perf_counter(), self.metrics, str(client[0]) if client else "unknown"
+        )
         response_headers = (*SECURITY_HEADERS, (REQUEST_ID_HEADER, request_id.encode()))
 
         async def counting_receive() -> Message:
@@ -414,12 +417,30 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         lines = []
         while pending:
             lines.append(pending.popleft())
+        if not self._sole_access_destination():
+            for line in lines:  # the set-up changed since configure_logging: a record per line
+                _access_record(line)
+            return True
         try:
             self.stream.write(self.terminator.join(lines) + self.terminator)
             self.stream.flush()
         except Exception:  # the caller falls back to a record, whose handler reports the failure
             return False
         return True
+
+    def _sole_access_destination(self) -> bool:
+        """Whether an access-log record would reach this handler and nothing else (checked once per batch)."""
+        handlers = _gateway_logger.handlers
+        return (
+            len(handlers) == 1
+            and handlers[0] is self
+            and not access_logger.handlers
+            and not access_logger.filters
+            and not _gateway_logger.filters
+            and not self.filters
+            and self.level <= logging.INFO
+            and access_logger.propagate
+        )
 
     def emit(self, record: logging.LogRecord) -> None:
         self._write_waiting()
@@ -436,27 +457,25 @@ _gateway_logger = logging.getLogger("gateway")
 def write_access_line(line: str) -> None:
     """Write one access-log line on the ``gateway.access`` logger.
 
-    When the only place such a record would go is the gateway's own stderr handler (the set-up of
-    :func:`configure_logging`, untouched since), the line is written there directly: building a
-    ``LogRecord`` and passing it through the logger and handler chain cost more than the rest of the
-    access log (bench/RESULTS.md). Any other set-up (handlers or filters added by the embedding
-    application, ``logging.disable``) gets a normal record.
+    With :func:`configure_logging`'s handler in place, the line goes to that handler's batch; when the
+    batch is written, the handler checks once that it is still the only place such a record would go
+    (the set-up of :func:`configure_logging`, untouched since) and writes the lines itself: building a
+    ``LogRecord`` per line and passing it through the logger and handler chain cost more than the rest
+    of the access log (bench/RESULTS.md). Any other set-up (handlers or filters added by the embedding
+    application) gets a normal record per line.
     """
-    handlers = _gateway_logger.handlers
-    if (
-        len(handlers) == 1
-        and type(handler := handlers[0]) is _LineHandler
-        and not access_logger.handlers
-        and not access_logger.filters
-        and not _gateway_logger.filters
-        and not handler.filters
-        and handler.level <= logging.INFO
-        and access_logger.propagate
-        and handler.write_line(line)
-    ):
+    handler = _own_handler
+    if handler is not None and handler.write_line(line):
         return
+    _access_record(line)
+
+
+def _access_record(line: str) -> None:
     # A record made here rather than by logger.info(): the caller's frame is never wanted.
     access_logger.handle(logging.LogRecord(access_logger.name, logging.INFO, "", 0, line, None, None))
+
+
+_own_handler: _LineHandler | None = None  # the handler configure_logging() installed
 
 
 def configure_logging(level: str) -> None:
@@ -472,6 +491,8 @@ def configure_logging(level: str) -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler._gateway = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
+    global _own_handler
+    _own_handler = handler
     logger.setLevel(level.upper())
     logger.propagate = False
     access_logger.setLevel(logging.INFO)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Tenant ids are restricted to what is safe inside names, S3 keys and MLflow LIKE patterns:
 # `_` and `%` are LIKE wildcards and MLflow has no ESCAPE, `.` is the registry-name separator.
@@ -21,6 +21,11 @@ class Principal:
     issuer: str | None = None
     # Reads every tenant's objects with their stored names, never writes (role name is configurable).
     platform_admin: bool = False
+    # access_level() of these roles, computed once per verified token instead of on every request.
+    level: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "level", _level_of(self.roles))
 
     def has_role(self, role: str) -> bool:
         """True when the token grants ``role``."""
@@ -36,11 +41,15 @@ def access_level(principal: Principal) -> int:
     A token with none of these roles is an editor: most identity providers put unrelated roles in
     the same claim, and "editor" is the documented default.
     """
-    if ADMIN in principal.roles:
+    return principal.level
+
+
+def _level_of(roles: frozenset[str]) -> int:
+    if ADMIN in roles:
         return 3
-    if EDITOR in principal.roles:
+    if EDITOR in roles:
         return 2
-    if VIEWER in principal.roles:
+    if VIEWER in roles:
         return 1
     return 2
 

@@ -142,7 +142,10 @@ class Exchange:
         return self.body
 
 
-RequestStep = Callable[[Exchange], Awaitable[None]]
+# A request step is usually a coroutine function. A step that can often decide without waiting may be
+# a plain function returning ``None`` when it is done, or an awaitable for the rest: no coroutine is
+# made in its steady state (bench/RESULTS.md section 2e).
+RequestStep = Callable[[Exchange], Awaitable[None] | None]
 # A response step rewrites the decoded JSON response body in place. It runs on buffered responses
 # only, with the upstream status: most steps act on 2xx, error-message steps on 4xx.
 ResponseStep = Callable[[Exchange, int, JsonObject], None]

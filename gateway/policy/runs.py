@@ -6,10 +6,13 @@ handlers read ``run_id or run_uuid``, so both are checked and must agree.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from gateway.errors import BadRequest
 from gateway.http.canonical import JsonObject
 from gateway.policy.core import Access, Body, Exchange, Policy, RequestStep
 from gateway.policy.experiments import require_owned_experiment
+from gateway.policy.ownership import Ownership
 from gateway.policy.steps import (
     inject_tags,
     provenance_tags,
@@ -25,14 +28,20 @@ MAX_IDS_PER_REQUEST = 100  # MLflow's own limit for bulk metric history
 def require_owned_run(field: str = "run_id", *, aliases: tuple[str, ...] = RUN_ID_ALIASES) -> RequestStep:
     """Check the run named by ``field`` (or its alias) is in one of the tenant's experiments."""
 
-    async def step(ex: Exchange) -> None:
+    def step(ex: Exchange) -> Awaitable[None] | None:
         run_id = require_string(ex, field, aliases=aliases)
         ownership, tenant = ex.services.ownership, ex.tenant
-        ex.notes["experiment_id"] = ownership.cached_owned_run(tenant, run_id) or await ownership.require_run(
-            tenant, run_id
-        )
+        experiment_id = ownership.cached_owned_run(tenant, run_id)  # the steady state: no coroutine
+        if experiment_id is None:
+            return _look_up(ex, ownership, tenant, run_id)
+        ex.notes["experiment_id"] = experiment_id
+        return None
 
     return step
+
+
+async def _look_up(ex: Exchange, ownership: Ownership, tenant: str, run_id: str) -> None:
+    ex.notes["experiment_id"] = await ownership.require_run(tenant, run_id)
 
 
 def require_owned_runs(field: str) -> RequestStep:

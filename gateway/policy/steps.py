@@ -27,6 +27,8 @@ def field_value(ex: Exchange, name: str, *, aliases: tuple[str, ...] = ()) -> An
     if first == "":
         first = None
     for alias in aliases:
+        if body is None and alias not in ex.query:  # the usual case, without a call
+            continue
         value = body.get(alias) if body is not None else single_value(ex.query, alias)
         if value is None or value == "":
             continue

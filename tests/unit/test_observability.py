@@ -282,6 +282,31 @@ def test_access_lines_reach_handlers_an_application_adds(tmp_path: Path) -> None
     assert result.stdout.splitlines() == ["two"]
 
 
+def test_batched_access_lines_follow_the_logging_set_up_when_they_are_written(tmp_path: Path) -> None:
+    """A batch waiting in the event loop is checked when it is written: a handler added meanwhile gets its lines."""
+    result = _python(
+        tmp_path / "batch_handlers_check.py",
+        """
+        import asyncio, logging, sys
+        from gateway.observability import ACCESS_LOG_FLUSH_SECONDS, access_logger, configure_logging, write_access_line
+
+        async def main():
+            write_access_line("one")
+            await asyncio.sleep(ACCESS_LOG_FLUSH_SECONDS * 4)  # written alone: only stderr
+            write_access_line("two")
+            write_access_line("three")
+            access_logger.addHandler(logging.StreamHandler(sys.stdout))  # before the batch is written
+            await asyncio.sleep(ACCESS_LOG_FLUSH_SECONDS * 4)
+
+        configure_logging("info")
+        asyncio.run(main())
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["one", "two", "three"]
+    assert result.stdout.splitlines() == ["two", "three"]
+
+
 def test_multiprocess_mode_sums_every_worker(tmp_path: Path) -> None:
     """With PROMETHEUS_MULTIPROC_DIR, /metrics of any worker shows the sum over every worker."""
     directory = tmp_path / "prometheus"
