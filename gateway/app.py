@@ -131,10 +131,15 @@ class Gateway:
             if services is None:
                 raise GatewayError("Gateway is not started")
             method: str = scope["method"]
-            path = canonical_path(scope.get("raw_path") or scope["path"].encode("utf-8"))
-            match = self.table.match(method, path)
-            if match is None:
-                raise PermissionDenied(f"{method} {path} is not an endpoint the gateway allows")
+            raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+            match = self.table.match_static_raw(method, raw_path)
+            if match is not None:
+                path = match.route.template  # the request path is this template, byte for byte
+            else:
+                path = canonical_path(raw_path)
+                match = self.table.match(method, path)
+                if match is None:
+                    raise PermissionDenied(f"{method} {path} is not an endpoint the gateway allows")
             set_route(match.route.template)
             action = match.route.action
             if isinstance(action, Deny):

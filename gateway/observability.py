@@ -320,7 +320,7 @@ class ObservabilityMiddleware:
                 error_code=record.error_code,
                 reason=(record.error_message or "")[:_MAX_LOGGED_TEXT],
             )
-        if self.access_log and access_logger.isEnabledFor(logging.INFO):
+        if self.access_log:  # whether logging lets it out is checked when the batch is written
             line = {
                 # Rounded to 3 decimals inline (non-negative values): a function call per figure cost
                 # as much as the arithmetic, and round(value, 3) three times more (bench/RESULTS.md 2e).
@@ -339,7 +339,7 @@ class ObservabilityMiddleware:
                 "bytes_out": record.bytes_out,
                 "error_code": record.error_code,
             }
-            write_access_line(orjson.dumps(line).decode())
+            write_access_line(orjson.dumps(line))
 
     def _route_of(self, scope: Scope) -> str:
         """The route template of a request answered before the pipeline matched it (or ``unmatched``)."""
@@ -378,11 +378,11 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__()
         # A deque: the event loop appends without the lock, the writer takes lines out one by one
         # under it, so a line appended meanwhile is never lost.
-        self._pending: collections.deque[str] = collections.deque()
+        self._pending: collections.deque[bytes] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
 
-    def write_line(self, line: str) -> bool:
-        """Write an already formatted line, as emit() would for a ``%(message)s`` record; False on failure."""
+    def write_line(self, line: bytes) -> bool:
+        """Write an already formatted line (UTF-8), as emit() would for a ``%(message)s`` record; False on failure."""
         pending = self._pending
         pending.append(line)
         if self._timer is not None and len(pending) < ACCESS_LOG_BATCH_LINES:
@@ -417,13 +417,24 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         lines = []
         while pending:
             lines.append(pending.popleft())
+        if not access_logger.isEnabledFor(logging.INFO):  # e.g. logging.disable(): the lines are dropped
+            return True
         if not self._sole_access_destination():
             for line in lines:  # the set-up changed since configure_logging: a record per line
-                _access_record(line)
+                _access_record(line.decode("utf-8"))
             return True
+        newline = self.terminator.encode("utf-8")
+        data = newline.join(lines) + newline
+        stream = self.stream
         try:
-            self.stream.write(self.terminator.join(lines) + self.terminator)
-            self.stream.flush()
+            binary = getattr(stream, "buffer", None)
+            if binary is not None:  # bytes as they are: the text layer is flushed first, to keep the order
+                stream.flush()
+                binary.write(data)
+                binary.flush()
+            else:
+                stream.write(data.decode("utf-8"))
+                stream.flush()
         except Exception:  # the caller falls back to a record, whose handler reports the failure
             return False
         return True
@@ -454,20 +465,22 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
 _gateway_logger = logging.getLogger("gateway")
 
 
-def write_access_line(line: str) -> None:
-    """Write one access-log line on the ``gateway.access`` logger.
+def write_access_line(line: str | bytes) -> None:
+    """Write one access-log line (text, or UTF-8 bytes) on the ``gateway.access`` logger.
 
     With :func:`configure_logging`'s handler in place, the line goes to that handler's batch; when the
-    batch is written, the handler checks once that it is still the only place such a record would go
-    (the set-up of :func:`configure_logging`, untouched since) and writes the lines itself: building a
-    ``LogRecord`` per line and passing it through the logger and handler chain cost more than the rest
-    of the access log (bench/RESULTS.md). Any other set-up (handlers or filters added by the embedding
-    application) gets a normal record per line.
+    batch is written, the handler checks once that the access log is enabled and that it is still the
+    only place such a record would go (the set-up of :func:`configure_logging`, untouched since), and
+    writes the lines itself: building a ``LogRecord`` per line and passing it through the logger and
+    handler chain cost more than the rest of the access log (bench/RESULTS.md). Any other set-up
+    (handlers or filters added by the embedding application) gets a normal record per line.
     """
+    data = line.encode("utf-8") if isinstance(line, str) else line
     handler = _own_handler
-    if handler is not None and handler.write_line(line):
+    if handler is not None and handler.write_line(data):
         return
-    _access_record(line)
+    if access_logger.isEnabledFor(logging.INFO):
+        _access_record(data.decode("utf-8"))
 
 
 def _access_record(line: str) -> None:

@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from gateway.errors import GatewayError
+from gateway.http.canonical import canonical_path
 from gateway.policy.core import Action, Local
 
 # Every MLflow REST route exists under /api/<major>.0 and under the UI's /ajax-api/<major>.0 twin.
@@ -36,6 +38,13 @@ _PARAM = re.compile(r"\{([a-z_]+)(:path)?\}")
 
 # What a path without parameters may contain: characters percent-encoding leaves as they are.
 _PLAIN_TEMPLATE = re.compile(r"/[A-Za-z0-9/._~-]*")
+
+
+def _is_canonical(template: str) -> bool:
+    try:
+        return canonical_path(template.encode("ascii")) == template
+    except GatewayError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,7 @@ class RouteTable:
     def __init__(self, routes: Iterable[Route]) -> None:
         self._routes: list[Route] = []
         self._static: dict[tuple[str, str], Match] = {}
+        self._static_raw: dict[tuple[str, bytes], Match] = {}  # the same, by the path's bytes as received
         self._templated: dict[str, list[tuple[re.Pattern[str], Route]]] = {}
         for route in routes:
             key = (route.method, route.template)
@@ -102,10 +112,23 @@ class RouteTable:
                 if not _PLAIN_TEMPLATE.fullmatch(route.template):
                     # The gateway sends a static route's path upstream as it is (Gateway.__call__).
                     raise ValueError(f"static route {route.template!r} would need percent-encoding")
-                self._static[key] = Match(route, {})
+                if not _is_canonical(route.template):
+                    # A request path equal to a static template is taken as it is (match_static_raw).
+                    raise ValueError(f"static route {route.template!r} is not a canonical path")
+                self._static[key] = match = Match(route, {})
+                self._static_raw[(route.method, route.template.encode("ascii"))] = match
 
     def _by(self, method: str) -> list[tuple[re.Pattern[str], Route]]:
         return self._templated.get(method, [])
+
+    def match_static_raw(self, method: str, raw_path: bytes) -> Match | None:
+        """The static route whose template is exactly ``raw_path``'s bytes, or ``None`` (then canonicalise).
+
+        A static template is a canonical path by construction (absolute, no percent-encoding, no empty
+        or dot segment: :data:`_PLAIN_TEMPLATE` and the canonical rules), so a request path that is
+        byte for byte a template needs no decoding or checking: most requests (bench/RESULTS.md 2e).
+        """
+        return self._static_raw.get((method, raw_path))
 
     def match(self, method: str, path: str) -> Match | None:
         """The entry for a canonical path, or ``None`` (which the caller refuses)."""

@@ -297,14 +297,19 @@ def test_batched_access_lines_follow_the_logging_set_up_when_they_are_written(tm
             write_access_line("three")
             access_logger.addHandler(logging.StreamHandler(sys.stdout))  # before the batch is written
             await asyncio.sleep(ACCESS_LOG_FLUSH_SECONDS * 4)
+            write_access_line(b"four")
+            logging.disable(logging.INFO)  # before the batch is written: the line is dropped
+            await asyncio.sleep(ACCESS_LOG_FLUSH_SECONDS * 4)
+            logging.disable(logging.NOTSET)
+            write_access_line("five \u00e9")
 
         configure_logging("info")
         asyncio.run(main())
         """,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stderr.splitlines() == ["one", "two", "three"]
-    assert result.stdout.splitlines() == ["two", "three"]
+    assert result.stderr.splitlines() == ["one", "two", "three", "five \u00e9"]
+    assert result.stdout.splitlines() == ["two", "three", "five \u00e9"]
 
 
 def test_multiprocess_mode_sums_every_worker(tmp_path: Path) -> None:

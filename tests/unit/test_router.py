@@ -38,6 +38,23 @@ def test_a_static_route_that_would_need_percent_encoding_is_refused(template: st
         RouteTable([Route("GET", template, DENY)])
 
 
+@pytest.mark.parametrize("template", ["/a//b", "/a/./b", "/a/../b", "/a/."])
+def test_a_static_route_that_is_not_a_canonical_path_is_refused(template: str) -> None:
+    # A request path equal to a static template is taken without canonicalisation (match_static_raw).
+    with pytest.raises(ValueError, match="not a canonical path"):
+        RouteTable([Route("GET", template, DENY)])
+
+
+def test_a_request_path_equal_to_a_static_template_matches_by_its_bytes_only() -> None:
+    table = RouteTable([Route("GET", "/api/2.0/mlflow/runs/get", DENY), Route("GET", "/jobs/", DENY)])
+    match = table.match_static_raw("GET", b"/api/2.0/mlflow/runs/get")
+    assert match is not None and match is table.match("GET", "/api/2.0/mlflow/runs/get")
+    assert table.match_static_raw("GET", b"/jobs/") is not None
+    for other in (b"/api/2.0/mlflow/runs%2Fget", b"/api/2.0/mlflow/runs/ge%74", b"/api/2.0/mlflow//runs/get", b"/jobs"):
+        assert table.match_static_raw("GET", other) is None  # these take the canonical path (and its checks)
+    assert table.match_static_raw("POST", b"/api/2.0/mlflow/runs/get") is None
+
+
 def test_duplicate_routes_are_refused() -> None:
     with pytest.raises(ValueError, match="duplicate"):
         RouteTable([Route("GET", "/a", DENY), Route("GET", "/a", DENY)])
