@@ -266,6 +266,10 @@ def serve(role: str, port: int, upstream: str | None) -> None:
         access_log=False,
         log_level="warning",
         backlog=2048,
+        # As the gateway runs uvicorn (gateway/serving.py): the passthrough must not pay for a layer
+        # (ProxyHeadersMiddleware) or a response header ("server") the gateway does not have.
+        proxy_headers=False,
+        server_header=False,
     )
     uvicorn.Server(config).run(sockets=[sock])
 

@@ -191,12 +191,9 @@ class GatewayMetrics:
         if self.multiprocess:  # tested here, not in _flush_later: a call less per request otherwise
             self._flush_later()
 
-    def request_finished(self) -> None:
-        """One request fewer in flight."""
-        self.in_flight_now -= 1
-
     def request_done(self, tenant: str, route: str, method: str, status: int, seconds: float) -> None:
-        """Count one answered request and its duration."""
+        """Count one answered request and its duration: one request fewer in flight."""
+        self.in_flight_now -= 1
         key = (tenant, route, method, status)
         self._requests[key] = self._requests.get(key, 0) + 1
         pending = self._durations.get(route)

@@ -287,9 +287,8 @@ class ObservabilityMiddleware:
                 app = self.app if handoff is None else handoff(scope)
             await app(scope, counting_receive, front_send)
         finally:
-            self.metrics.request_finished()
             _current.reset(context)
-            self._finish(record, scope, state)
+            self._finish(record, scope, state)  # metrics.request_done(): one request fewer in flight
 
     def _finish(self, record: RequestRecord, scope: Scope, state: dict[str, Any]) -> None:
         """Count, log and audit a finished request."""

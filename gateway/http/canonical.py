@@ -80,6 +80,11 @@ def parse_query(raw_query: bytes) -> Query:
             raise BadRequest("Query string is not valid UTF-8") from None
         if "\x00" in text:
             raise BadRequest("Query string contains a NUL character")
+        if "&" not in text:  # one parameter (most requests): no loop
+            name, _, text_value = text.partition("=")
+            if not name:
+                raise BadRequest("Query string has an empty parameter name")
+            return {name: [text_value]}
         for item in text.split("&"):
             if item:
                 name, _, text_value = item.partition("=")

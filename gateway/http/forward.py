@@ -84,6 +84,10 @@ def quote_path(path: str) -> str:
 
 def encode_query(query: Query) -> str:
     """Re-serialise a checked query (only what the gateway parsed is sent upstream)."""
+    if len(query) == 1:  # one parameter with one value (most requests): no list to join
+        for key, values in query.items():
+            if len(values) == 1:
+                return f"{quote_component(key)}={quote_component(values[0])}"
     parts = []  # a loop, not a generator expression: the cheaper one on the request path
     for key, values in query.items():
         quoted = quote_component(key)
@@ -119,12 +123,26 @@ def read_whole(length: bytes | None) -> bool:
     return length is not None and length.isdigit() and int(length) <= WHOLE_BODY_BYTES
 
 
+# Upstream header names as MLflow's servers spell them (lower case, or Title-Case) -> the lower-case name,
+# or None for a header that is dropped: most names are recognised without a .lower() per header.
+_USUAL_SPELLINGS: dict[bytes, bytes | None] = {
+    spelling: (name if name in _RETURNED_RESPONSE_HEADERS or name == b"content-length" else None)
+    for name in (*_RETURNED_RESPONSE_HEADERS, b"content-length", b"date", b"server", b"connection", b"keep-alive")
+    for spelling in (name, name.title())
+}
+
+
 def _response_headers(upstream: Iterable[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bytes, bytes | None]:
     """The upstream headers returned to the client (names lower-cased), its content type and content length."""
     headers: list[tuple[bytes, bytes]] = []
     content_type, length = b"", None
+    usual = _USUAL_SPELLINGS
     for key, value in upstream:
-        name = key.lower()
+        name = usual.get(key, key)
+        if name is None:  # a usual header that is dropped
+            continue
+        if name is key and key not in usual:  # another spelling, or another header
+            name = key.lower()
         if name == b"content-length":
             length = value
             continue

@@ -95,6 +95,7 @@ def test_pending_counts_reach_prometheus_exactly_as_direct_updates_would() -> No
     """
     batched, direct = GatewayMetrics(), GatewayMetrics()
     for seconds in OBSERVED:
+        batched.request_started()
         batched.request_done("acme", "/api/2.0/mlflow/runs/get", "GET", 200, seconds)
         batched.upstream_call(seconds)
         direct.requests.labels("acme", "/api/2.0/mlflow/runs/get", "GET", "200").inc()
@@ -335,7 +336,6 @@ def test_multiprocess_mode_sums_every_worker(tmp_path: Path) -> None:
         async def serve_one(metrics):
             metrics.request_started()
             metrics.request_done("globex", "/health", "GET", 200, 0.002)
-            metrics.request_finished()
             print("PENDING", GatewayMetrics().render()[0].decode().replace(chr(10), "|"))
             await asyncio.sleep(FLUSH_INTERVAL_SECONDS + 0.5)  # the worker's flush timer writes them
             print("FLUSHED", GatewayMetrics().render()[0].decode().replace(chr(10), "|"))
