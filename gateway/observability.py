@@ -97,9 +97,8 @@ def handoff_of(app: ASGIApp) -> Callable[[Scope], ASGIApp] | None:
     A layer's ``handoff`` does the layer's work for ``scope`` that needs no waiting (a check, a cached
     token) and returns the app that serves the request next: the layer itself when it has more to do
     (a page, a token to verify, an answer to send), else what comes after it. The layer before calls
-    that app directly, so a request passing a layer adds no coroutine frame: a frame is entered again
-    every time the request resumes from an upstream wait, ~6 k instructions per layer per request
-    (bench/RESULTS.md section 2e).
+    that app directly, so a request passing a layer adds no coroutine frame to the chain (every frame
+    of it is entered again each time the request resumes from an upstream wait; bench/RESULTS.md 2e).
     """
     handoff = getattr(app, "handoff", None)
     return handoff if callable(handoff) else None

@@ -74,12 +74,7 @@ def parse_query(raw_query: bytes) -> Query:
         return query
     if _PERCENT not in raw_query and _PLUS not in raw_query:
         # Nothing to unescape (most queries): decode and check the whole string once, not part by part.
-        try:
-            text = raw_query.decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadRequest("Query string is not valid UTF-8") from None
-        if "\x00" in text:
-            raise BadRequest("Query string contains a NUL character")
+        text = _decode_query_component(raw_query)
         if "&" not in text:  # one parameter (most requests): no loop
             name, _, text_value = text.partition("=")
             if not name:
