@@ -163,14 +163,15 @@ class Gateway:
             query = parse_query(scope.get("query_string", b""))
             raw_body = b""
             body = None
-            if has_body and body_kind is not BODY_STREAM:
-                raw_body = await read_body(
-                    receive,
-                    limit=body_limit,
-                    too_large=lambda: PayloadTooLarge(f"Request body exceeds {body_limit} bytes"),
-                )
-            if body_kind is not BODY_STREAM and (has_body or body_kind is not BODY_NONE):  # nothing to parse else
-                body = _parse_body(action, method, raw_body, normalise=not admin_view)
+            if body_kind is not BODY_STREAM:
+                if has_body:
+                    raw_body = await read_body(
+                        receive,
+                        limit=body_limit,
+                        too_large=lambda: PayloadTooLarge(f"Request body exceeds {body_limit} bytes"),
+                    )
+                if has_body or body_kind is not BODY_NONE:  # a bodiless route without a body: nothing to parse
+                    body = _parse_body(action, method, raw_body, normalise=not admin_view)
             ex = Exchange(
                 principal,
                 method,

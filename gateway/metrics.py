@@ -77,18 +77,18 @@ def mark_worker_dead(pid: int | None) -> None:
 
 
 class _PendingHistogram:
-    """Observations of one histogram child since the last flush: a count per bucket and their sum.
-
-    Observed inline where the figures are counted (request_done, upstream_call): a method call per
-    observation cost as much as the observation. Like prometheus-client, a value is counted in the
-    first bucket whose bound is >= the value (bisect_left).
-    """
+    """Observations of one histogram child since the last flush: a count per bucket and their sum."""
 
     __slots__ = ("counts", "total")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
         self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        # prometheus-client counts a value in the first bucket whose bound is >= the value.
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
 
     def apply(self, child: Any) -> None:
         """Add these observations to a prometheus-client histogram child, as its observe() would."""
@@ -199,16 +199,13 @@ class GatewayMetrics:
         pending = self._durations.get(route)
         if pending is None:
             pending = self._durations[route] = _PendingHistogram()
-        pending.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1  # observed inline (_PendingHistogram)
-        pending.total += seconds
+        pending.observe(seconds)
         if self.multiprocess:
             self._flush_later()
 
     def upstream_call(self, seconds: float) -> None:
         """Count one upstream call: the time until its response headers arrived (or it failed)."""
-        pending = self._upstream  # observed inline (_PendingHistogram)
-        pending.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        pending.total += seconds
+        self._upstream.observe(seconds)
 
     def track_caches(self, caches: Iterable[CountingCache]) -> None:
         """Export the look-ups of these caches (from now on), in place of any tracked before."""

@@ -252,10 +252,7 @@ class ObservabilityMiddleware:
         state["request_id"] = request_id
         path: str = scope["path"]
         method: str = scope["method"]
-        client = scope.get("client")  # client_address(scope), inlined
-        record = RequestRecord(
-            request_id, method, path, time.perf_counter(), self.metrics, str(client[0]) if client else "unknown"
-        )
+        record = RequestRecord(request_id, method, path, time.perf_counter(), self.metrics, client_address(scope))
         response_headers = (*SECURITY_HEADERS, (REQUEST_ID_HEADER, request_id.encode()))
 
         async def counting_receive() -> Message:

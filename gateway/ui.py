@@ -123,11 +123,7 @@ class UiMiddleware:
 
     def handoff(self, scope: Scope) -> ASGIApp:
         """The next app for a request this layer passes on as it is (see :func:`gateway.observability.handoff_of`)."""
-        if scope["type"] != "http" or not (  # self._passes(scope), without the call
-            not self.root
-            and scope["path"] not in _OWN_PATHS
-            and (self.codec is None or header_value(scope["headers"], b"cookie") is None)
-        ):
+        if scope["type"] != "http" or not self._passes(scope):
             return self
         handoff = self._next_handoff
         return self.app if handoff is None else handoff(scope)

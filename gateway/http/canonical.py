@@ -75,11 +75,6 @@ def parse_query(raw_query: bytes) -> Query:
     if _PERCENT not in raw_query and _PLUS not in raw_query:
         # Nothing to unescape (most queries): decode and check the whole string once, not part by part.
         text = _decode_query_component(raw_query)
-        if "&" not in text:  # one parameter (most requests): no loop
-            name, _, text_value = text.partition("=")
-            if not name:
-                raise BadRequest("Query string has an empty parameter name")
-            return {name: [text_value]}
         for item in text.split("&"):
             if item:
                 name, _, text_value = item.partition("=")
