@@ -51,7 +51,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = {"host": args.host, "port": args.port, "workers": args.workers}
     settings = load_settings(config_file=args.config, overrides=overrides)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, access_log_flush_seconds=settings.access_log_flush_seconds)
     return serve(settings)  # drains on SIGTERM (gateway/serving.py)
 
 

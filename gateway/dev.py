@@ -609,7 +609,7 @@ def run_dev(*, port: int = 5000, data_dir: Path, jwt_secret: str | None = None) 
             # The in-process gateway's boto3 reads the standard AWS variables: point them at the emulator.
             os.environ.update({key: value for key, value in gateway_env.items() if not key.startswith("GATEWAY_")})
             settings = load_settings(env=gateway_env, overrides={"host": "127.0.0.1", "port": port})
-            configure_logging(settings.log_level)
+            configure_logging(settings.log_level, access_log_flush_seconds=settings.access_log_flush_seconds)
             return_large_buffers_to_the_os()
             config = uvicorn.Config(
                 create_app(settings),

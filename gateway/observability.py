@@ -50,7 +50,8 @@ _MAX_LOGGED_TEXT = 512  # paths and refusal reasons are cut here: a log line sta
 # Metric label values for the method: the methods MLflow uses, anything else is "other".
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 REQUEST_ID_HEADER = b"x-request-id"
-# Access-log lines are written in batches: at most this long after they were made, or this many at once.
+# Access-log lines are written in batches: at most this long after they were made (the default of
+# GATEWAY_ACCESS_LOG_FLUSH_SECONDS; 0 writes each line at once), or this many at once.
 ACCESS_LOG_FLUSH_SECONDS = 0.05
 ACCESS_LOG_BATCH_LINES = 256
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._-]{8,128}$")
@@ -363,14 +364,16 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The gateway's stderr handler: one line per record, and a batched path for access-log lines.
 
     Access-log lines written from the event loop are collected and written together, at most
-    ``ACCESS_LOG_FLUSH_SECONDS`` later (or once ``ACCESS_LOG_BATCH_LINES`` wait): one write instead of
-    one per request. Every other record first writes the collected lines, so the order of lines on
-    stderr is the order they were made; ``flush()`` (called at exit by ``logging.shutdown``) writes them
-    too. A process killed outright loses at most that interval of access lines.
+    ``flush_seconds`` later (or once ``ACCESS_LOG_BATCH_LINES`` wait): one write instead of one per
+    request; with ``flush_seconds`` 0, each line is written at once. Every other record first writes
+    the collected lines, so the order of lines on stderr is the order they were made; ``flush()``
+    (called at exit by ``logging.shutdown``) writes them too. A process killed outright loses at most
+    that interval of access lines.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, flush_seconds: float = ACCESS_LOG_FLUSH_SECONDS) -> None:
         super().__init__()
+        self.flush_seconds = flush_seconds
         # A deque: the event loop appends without the lock, the writer takes lines out one by one
         # under it, so a line appended meanwhile is never lost.
         self._pending: collections.deque[bytes] = collections.deque()
@@ -383,13 +386,13 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         if self._timer is not None and len(pending) < ACCESS_LOG_BATCH_LINES:
             return True  # most lines: a write is already due
         try:
-            loop = asyncio.get_running_loop()
+            loop = asyncio.get_running_loop() if self.flush_seconds > 0 else None
         except RuntimeError:  # no event loop to flush later: write it now
             loop = None
         if loop is None or len(pending) >= ACCESS_LOG_BATCH_LINES:
             with self.lock:  # type: ignore[union-attr]  # what acquire()/release() take, without their calls
                 return self._write_pending()
-        self._timer = loop.call_later(ACCESS_LOG_FLUSH_SECONDS, self._flush_soon)
+        self._timer = loop.call_later(self.flush_seconds, self._flush_soon)
         return True
 
     def _flush_soon(self) -> None:
@@ -486,16 +489,17 @@ def _access_record(line: str) -> None:
 _own_handler: _LineHandler | None = None  # the handler configure_logging() installed
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, *, access_log_flush_seconds: float = ACCESS_LOG_FLUSH_SECONDS) -> None:
     """Send the gateway's loggers (``gateway``, ``gateway.access``, ``gateway.audit``, ...) to stderr.
 
     One line per record. ``level`` applies to the gateway's diagnostic messages; the access log
-    (switched by ``GATEWAY_ACCESS_LOG``) and the audit log are written at every level.
+    (switched by ``GATEWAY_ACCESS_LOG``) and the audit log are written at every level. Access-log
+    lines wait at most ``access_log_flush_seconds`` to be written in a batch (0: each at once).
     """
     logger = logging.getLogger("gateway")
     if any(getattr(handler, "_gateway", False) for handler in logger.handlers):
         return
-    handler = _LineHandler()
+    handler = _LineHandler(access_log_flush_seconds)
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler._gateway = True  # type: ignore[attr-defined]
     logger.addHandler(handler)

@@ -179,7 +179,7 @@ def _run_worker(settings: Settings, sock: socket.socket, supervisor: int) -> Non
 
     threading.Thread(target=watch_supervisor, name="supervisor-watch", daemon=True).start()
     return_large_buffers_to_the_os()  # a spawned worker is a new process: its own allocator settings
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, access_log_flush_seconds=settings.access_log_flush_seconds)
     config = uvicorn_config(create_app(settings), settings)
     GatewayServer(config, drain_delay=settings.drain_delay_seconds).run(sockets=[sock])
 

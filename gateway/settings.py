@@ -110,6 +110,8 @@ class Settings:
     # gateway.access logger; who may read GET /metrics: the bearer token, or requests without an
     # Authorization header from these networks (loopback only by default).
     access_log: bool = True
+    # Access lines are written in batches, at most this long after their request (0: each line at once).
+    access_log_flush_seconds: float = 0.05
     metrics_token: str | None = field(default=None, repr=False)
     metrics_allow_networks: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
     # Web UI login (gateway/ui.py): the key session cookies are encrypted with (None: no UI login),
@@ -310,6 +312,7 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("cache_size", _as_int),
     _Spec("log_level", _as_str),
     _Spec("access_log", _as_bool),
+    _Spec("access_log_flush_seconds", _as_float),
     _Spec("metrics_token", _optional_str),
     _Spec("metrics_allow_networks", _as_str_tuple),
     _Spec("session_secret", _optional_str),
@@ -499,6 +502,8 @@ def _validate(values: dict[str, Any]) -> list[str]:
     for name in ("drain_delay_seconds", "shutdown_grace_seconds"):
         if not 0 <= merged[name] <= 3600:
             problems.append(f"{env_name(name)}: must be between 0 and 3600 seconds")
+    if not 0 <= merged["access_log_flush_seconds"] <= 10:  # also refuses NaN
+        problems.append(f"{env_name('access_log_flush_seconds')}: must be between 0 and 10 seconds")
     if not 1 <= merged["workers"] <= 256:
         problems.append(f"{env_name('workers')}: must be between 1 and 256")
     destination = merged["artifacts_destination"]

@@ -35,6 +35,7 @@ def observed_url(stack: DevStack, jwt_secret: str) -> Iterator[str]:
     settings = gateway_environment(stack, jwt_secret) | {
         "GATEWAY_METRICS_TOKEN": METRICS_TOKEN,
         "GATEWAY_METRICS_ALLOW_NETWORKS": "",  # not even loopback: the token only
+        "GATEWAY_ACCESS_LOG_FLUSH_SECONDS": "0",  # each access line written at once, not batched
     }
     with serve_gateway(stack, NAME, settings) as url:
         yield url

@@ -260,6 +260,33 @@ def test_access_lines_are_written_in_batches_and_in_order(tmp_path: Path) -> Non
     assert result.stderr.splitlines() == ["not yet", "a", "b", "timer", "c", "a warning", "d"]
 
 
+def test_access_log_flush_interval_is_configurable(tmp_path: Path) -> None:
+    """GATEWAY_ACCESS_LOG_FLUSH_SECONDS: lines wait that long (here 0.5 s), or not at all with 0."""
+    result = _python(
+        tmp_path / "flush_interval_check.py",
+        """
+        import asyncio, sys
+        from gateway import observability
+        from gateway.observability import configure_logging, write_access_line
+
+        async def main():
+            write_access_line("slow")
+            await asyncio.sleep(0.2)
+            sys.stderr.write("0.2 s\\n")  # the line still waits
+            await asyncio.sleep(0.6)
+            sys.stderr.write("0.8 s\\n")
+            observability._own_handler.flush_seconds = 0  # as configure_logging(..., 0) sets it
+            write_access_line("at once")
+            sys.stderr.write("after\\n")
+
+        configure_logging("info", access_log_flush_seconds=0.5)
+        asyncio.run(main())
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["0.2 s", "slow", "0.8 s", "at once", "after"]
+
+
 def test_access_lines_reach_handlers_an_application_adds(tmp_path: Path) -> None:
     """The direct write is only taken when the gateway's own handler is the sole destination."""
     result = _python(

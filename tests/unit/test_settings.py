@@ -180,3 +180,24 @@ colour = "blue"
         load_settings(env={}, config_file=config)
     assert any("unknown key 'colour'" in p for p in caught.value.problems)
     assert any("every issuer needs" in p for p in caught.value.problems)
+
+
+@pytest.mark.parametrize("value", ["-0.01", "10.5", "nan", "inf"])
+def test_access_log_flush_interval_is_bounded(value: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(
+            env={
+                "GATEWAY_UPSTREAM_URL": "http://mlflow:5000",
+                "GATEWAY_JWT_SECRET": SECRET,
+                "GATEWAY_ACCESS_LOG_FLUSH_SECONDS": value,
+            }
+        )
+    assert "GATEWAY_ACCESS_LOG_FLUSH_SECONDS: must be between 0 and 10 seconds" in str(caught.value)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, 0.05), ("0", 0.0), ("2.5", 2.5)])
+def test_access_log_flush_interval(value: str | None, expected: float) -> None:
+    env = {"GATEWAY_UPSTREAM_URL": "http://mlflow:5000", "GATEWAY_JWT_SECRET": SECRET}
+    if value is not None:
+        env["GATEWAY_ACCESS_LOG_FLUSH_SECONDS"] = value
+    assert load_settings(env=env).access_log_flush_seconds == expected
