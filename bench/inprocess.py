@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import machine
-from overhead import CANNED_EXPERIMENT, CANNED_RUN, RUN_ID, TENANT, PassthroughProxy
+from overhead import CANNED_EXPERIMENT, CANNED_RUN, MLFLOW_RESPONSE_HEADERS, RUN_ID, TENANT, PassthroughProxy
 
 from gateway.app import Gateway, create_app
 from gateway.auth.jwt import mint_token
@@ -64,8 +64,9 @@ class CannedResponse:
         self.headers = (
             (b"Content-Type", b"application/json"),
             (b"Content-Length", str(len(body)).encode()),
-            (b"Server", b"canned"),
+            (b"Server", b"uvicorn"),
             (b"Date", b"Fri, 27 Nov 2026 22:00:00 GMT"),
+            *MLFLOW_RESPONSE_HEADERS,  # as `mlflow server` answers
         )
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:

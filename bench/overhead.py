@@ -6,11 +6,11 @@ httptools, one worker and no access log:
 * ``upstream``: a minimal raw-ASGI app answering canned MLflow responses: ``GET
   /api/2.0/mlflow/runs/get`` gives a run in experiment ``1``, ``GET /api/2.0/mlflow/experiments/get``
   gives experiment ``1`` named ``bench/overhead`` (so it belongs to tenant ``bench``), ``GET /health``
-  answers ``OK``;
+  answers ``OK``; with the headers ``mlflow server`` 3.17 sends (``MLFLOW_RESPONSE_HEADERS``);
 * ``passthrough``: a bare passthrough proxy on the gateway's own stack: a pure ASGI app that forwards
   the method, path, query, body and an allow-list of headers through the gateway's
-  :class:`gateway.http.upstream.UpstreamClient` (aiohttp) and streams the answer back. No
-  authentication, no policy;
+  :class:`gateway.http.upstream.UpstreamClient` (aiohttp) and streams the answer back with its headers
+  (all but the hop-by-hop ones, as nginx's ``proxy_pass`` does). No authentication, no policy;
 * ``gateway``: ``mlflow-gateway serve`` (JWT authentication with an HS256 secret, the route table, the
   run-scoped policy of ``runs/get``: the run's ownership is looked up once, then cached).
 
@@ -128,6 +128,30 @@ CANNED_EXPERIMENT = orjson.dumps(
     }
 )
 NOT_FOUND = orjson.dumps({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "not found"})
+# The headers `mlflow server` 3.17 adds to every API answer besides content-type and content-length (its
+# security middleware, and Vary for CORS); its uvicorn adds date and server as the fake's does.
+MLFLOW_RESPONSE_HEADERS = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"SAMEORIGIN"),
+    (b"vary", b"Origin"),
+)
+GATEWAY_SET_HEADERS = frozenset({REQUEST_ID_HEADER, *(name for name, _ in SECURITY_HEADERS)})
+# What the passthrough does not relay, as a bare reverse proxy (nginx's proxy_pass): the hop-by-hop headers, and
+# date and server, which its own server sets.
+NOT_RELAYED = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"date",
+        b"server",
+    }
+)
 # The client headers the passthrough forwards (the gateway forwards a similar allow-list).
 FORWARD_HEADERS = frozenset({b"accept", b"accept-language", b"user-agent", b"content-type", b"x-request-id"})
 
@@ -155,7 +179,7 @@ def _announces_body(headers: list[tuple[bytes, bytes]]) -> bool:
 
 
 async def _answer(send: Send, status: int, body: bytes, content_type: bytes = b"application/json") -> None:
-    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *MLFLOW_RESPONSE_HEADERS]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -217,7 +241,10 @@ class PassthroughProxy:
             await _answer(send, 502, b'{"error_code": "BAD_GATEWAY", "message": "upstream failed"}')
             return
         try:
-            out = [(k.lower(), v) for k, v in response.headers if k.lower() in (b"content-type", b"content-length")]
+            # Every upstream header but the hop-by-hop ones (and date, server); with the gateway's headers, those
+            # the gateway sets replace the upstream's, as in the gateway.
+            dropped = NOT_RELAYED | GATEWAY_SET_HEADERS if added else NOT_RELAYED
+            out = [(k.lower(), v) for k, v in response.headers if k.lower() not in dropped]
             out += added
             if read_whole(next((v for k, v in out if k == b"content-length"), None)):  # as the gateway relays
                 whole = await response.read()
