@@ -10,7 +10,8 @@ httptools, one worker and no access log:
 * ``passthrough``: a bare passthrough proxy on the gateway's own stack: a pure ASGI app that forwards
   the method, path, query, body and an allow-list of headers through the gateway's
   :class:`gateway.http.upstream.UpstreamClient` (aiohttp) and streams the answer back with its headers
-  (all but the hop-by-hop ones, as nginx's ``proxy_pass`` does). No authentication, no policy;
+  (all but the hop-by-hop ones, as nginx's ``proxy_pass`` does). No authentication, no policy; its garbage
+  collector is set as the served gateway's (``gc.freeze`` after start-up, the young generation's threshold);
 * ``gateway``: ``mlflow-gateway serve`` (JWT authentication with an HS256 secret, the route table, the
   run-scoped policy of ``runs/get``: the run's ownership is looked up once, then cached).
 
@@ -64,6 +65,7 @@ from gateway.dev import ManagedProcess, free_port
 from gateway.errors import GatewayError
 from gateway.http.forward import read_whole
 from gateway.observability import REQUEST_ID_HEADER, SECURITY_HEADERS, client_address, new_request_id
+from gateway.serving import freeze_startup_objects
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -203,10 +205,13 @@ async def upstream_app(scope: Scope, receive: Receive, send: Send) -> None:
 class PassthroughProxy:
     """A bare passthrough on the gateway's stack: pure ASGI + the gateway's UpstreamClient; no auth, no policy."""
 
-    def __init__(self, upstream_url: str, *, gateway_headers: bool = False) -> None:
+    def __init__(self, upstream_url: str, *, gateway_headers: bool = False, gc_as_gateway: bool = False) -> None:
         from gateway.http.upstream import UpstreamClient
 
         self.upstream = UpstreamClient(upstream_url)
+        # Served (serve()): after start-up, the garbage collector is set as `mlflow-gateway serve` sets it
+        # (gateway.serving.freeze_startup_objects), so that the comparison is of the per-request work.
+        self.gc_as_gateway = gc_as_gateway
         # bench/instructions.py: the headers the gateway adds (upstream: X-Forwarded-For, a request id;
         # response: the security headers and the request id), to tell their cost from the policy's.
         self.gateway_headers = gateway_headers
@@ -217,6 +222,8 @@ class PassthroughProxy:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
                     await self.upstream.start()
+                    if self.gc_as_gateway:
+                        freeze_startup_objects()  # the collector's settings of a served gateway
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
                     await self.upstream.close()
@@ -280,7 +287,7 @@ def serve(role: str, port: int, upstream: str | None) -> None:
     app: Any = (
         upstream_app
         if role == "upstream"
-        else PassthroughProxy(upstream or "", gateway_headers=role == "passthrough-gateway-headers")
+        else PassthroughProxy(upstream or "", gateway_headers=role == "passthrough-gateway-headers", gc_as_gateway=True)
     )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

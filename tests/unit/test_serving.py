@@ -73,7 +73,7 @@ def test_serve_flags_reach_the_settings(monkeypatch: pytest.MonkeyPatch) -> None
         return 0
 
     monkeypatch.setattr("gateway.serving.serve", fake_serve)
-    monkeypatch.setattr("gateway.observability.configure_logging", lambda level: None)  # keep pytest's logging
+    monkeypatch.setattr("gateway.observability.configure_logging", lambda level, **_: None)  # keep pytest's logging
     for key, value in BASE.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("GATEWAY_WORKERS", "2")
@@ -136,14 +136,14 @@ def test_large_buffers_are_returned_to_the_os_after_use() -> None:
     assert results["off"][1] > 12, results  # the default keeps them: the setting is what makes the difference
 
 
-def test_objects_alive_after_start_up_are_left_out_of_collections() -> None:
+def test_objects_alive_after_start_up_are_left_out_of_collections_and_the_young_collected_less_often() -> None:
     code = (
         "import gc\n"
         "from gateway.serving import freeze_startup_objects\n"
         "import boto3, gateway.app\n"
         "assert gc.get_freeze_count() == 0\n"
         "freeze_startup_objects()\n"
-        "print(gc.get_freeze_count())\n"
+        "print(gc.get_freeze_count(), *gc.get_threshold())\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code],
@@ -153,4 +153,6 @@ def test_objects_alive_after_start_up_are_left_out_of_collections() -> None:
         check=True,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )
-    assert int(done.stdout) > 10_000  # modules, boto3's models...: no longer walked by every full collection
+    frozen, *threshold = map(int, done.stdout.split())
+    assert frozen > 10_000  # modules, boto3's models...: no longer walked by every full collection
+    assert threshold == [10_000, 10, 10]  # the youngest generation collected after 10,000 objects, not 700
