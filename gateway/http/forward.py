@@ -120,10 +120,13 @@ def read_whole(length: bytes | None) -> bool:
 
 
 # Upstream header names as MLflow's servers spell them (lower case, or Title-Case) -> the lower-case name,
-# or None for a header that is dropped: most names are recognised without a .lower() per header.
+# or None for a header that is dropped: most names are recognised without a .lower() per header. MLflow
+# answers every API call with X-Frame-Options (the gateway sends its own) and Vary (for CORS, which the
+# gateway does not pass).
+_DROPPED_USUAL = (b"date", b"server", b"connection", b"keep-alive", b"x-frame-options", b"vary")
 _USUAL_SPELLINGS: dict[bytes, bytes | None] = {
     spelling: (name if name in _RETURNED_RESPONSE_HEADERS or name == b"content-length" else None)
-    for name in (*_RETURNED_RESPONSE_HEADERS, b"content-length", b"date", b"server", b"connection", b"keep-alive")
+    for name in (*_RETURNED_RESPONSE_HEADERS, b"content-length", *_DROPPED_USUAL)
     for spelling in (name, name.title())
 }
 
