@@ -108,8 +108,8 @@ def measure(target: str, upstream: str, secret: str, token: str, args: argparse.
     env = {key: value for key, value in os.environ.items() if not key.startswith(("GATEWAY_", "MLFLOW_"))}
     env |= {"GATEWAY_UPSTREAM_URL": upstream, "GATEWAY_JWT_SECRET": secret}
     # Under valgrind the gateway answers ~45 requests a second, so a 50 ms access-log batch would hold ~2 lines
-    # and each batch's write would be counted against 2 requests; at the ~3,900 req/s wrk measures, a batch
-    # holds ~195. Waiting ACCESS_LOG_FLUSH_UNDER_VALGRIND_S gives batches of that size (~225 lines).
+    # and each batch's write would be counted against 2 requests; at the 1,900-3,900 req/s wrk measures, a batch
+    # holds ~100-200. Waiting ACCESS_LOG_FLUSH_UNDER_VALGRIND_S gives batches of that size (~225 lines).
     env["GATEWAY_ACCESS_LOG_FLUSH_SECONDS"] = str(ACCESS_LOG_FLUSH_UNDER_VALGRIND_S)
     if target == "gateway_no_access_log":
         env["GATEWAY_ACCESS_LOG"] = "false"
