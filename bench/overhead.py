@@ -64,7 +64,13 @@ from gateway.auth.jwt import mint_token
 from gateway.dev import ManagedProcess, free_port
 from gateway.errors import GatewayError
 from gateway.http.forward import read_whole
-from gateway.observability import REQUEST_ID_HEADER, SECURITY_HEADERS, client_address, new_request_id
+from gateway.observability import (
+    FRONT_HEADER_NAMES,
+    REQUEST_ID_HEADER,
+    SECURITY_HEADERS,
+    client_address,
+    new_request_id,
+)
 from gateway.serving import freeze_startup_objects
 
 Scope = MutableMapping[str, Any]
@@ -137,7 +143,6 @@ MLFLOW_RESPONSE_HEADERS = (
     (b"x-frame-options", b"SAMEORIGIN"),
     (b"vary", b"Origin"),
 )
-GATEWAY_SET_HEADERS = frozenset({REQUEST_ID_HEADER, *(name for name, _ in SECURITY_HEADERS)})
 # What the passthrough does not relay, as a bare reverse proxy (nginx's proxy_pass): the hop-by-hop headers, and
 # date and server, which its own server sets.
 NOT_RELAYED = frozenset(
@@ -205,13 +210,10 @@ async def upstream_app(scope: Scope, receive: Receive, send: Send) -> None:
 class PassthroughProxy:
     """A bare passthrough on the gateway's stack: pure ASGI + the gateway's UpstreamClient; no auth, no policy."""
 
-    def __init__(self, upstream_url: str, *, gateway_headers: bool = False, gc_as_gateway: bool = False) -> None:
+    def __init__(self, upstream_url: str, *, gateway_headers: bool = False) -> None:
         from gateway.http.upstream import UpstreamClient
 
         self.upstream = UpstreamClient(upstream_url)
-        # Served (serve()): after start-up, the garbage collector is set as `mlflow-gateway serve` sets it
-        # (gateway.serving.freeze_startup_objects), so that the comparison is of the per-request work.
-        self.gc_as_gateway = gc_as_gateway
         # bench/instructions.py: the headers the gateway adds (upstream: X-Forwarded-For, a request id;
         # response: the security headers and the request id), to tell their cost from the policy's.
         self.gateway_headers = gateway_headers
@@ -222,8 +224,9 @@ class PassthroughProxy:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
                     await self.upstream.start()
-                    if self.gc_as_gateway:
-                        freeze_startup_objects()  # the collector's settings of a served gateway
+                    # The garbage collector set as `mlflow-gateway serve` sets it after start-up, so that the
+                    # comparison is of the per-request work.
+                    freeze_startup_objects()
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
                     await self.upstream.close()
@@ -250,7 +253,7 @@ class PassthroughProxy:
         try:
             # Every upstream header but the hop-by-hop ones (and date, server); with the gateway's headers, those
             # the gateway sets replace the upstream's, as in the gateway.
-            dropped = NOT_RELAYED | GATEWAY_SET_HEADERS if added else NOT_RELAYED
+            dropped = NOT_RELAYED | FRONT_HEADER_NAMES if added else NOT_RELAYED
             out = [(k.lower(), v) for k, v in response.headers if k.lower() not in dropped]
             out += added
             if read_whole(next((v for k, v in out if k == b"content-length"), None)):  # as the gateway relays
@@ -287,7 +290,7 @@ def serve(role: str, port: int, upstream: str | None) -> None:
     app: Any = (
         upstream_app
         if role == "upstream"
-        else PassthroughProxy(upstream or "", gateway_headers=role == "passthrough-gateway-headers", gc_as_gateway=True)
+        else PassthroughProxy(upstream or "", gateway_headers=role == "passthrough-gateway-headers")
     )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

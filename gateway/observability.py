@@ -62,7 +62,7 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"referrer-policy", b"same-origin"),
 )
 # Response header names (lower case, as ASGI apps send them) the front layer sets itself.
-_FRONT_HEADER_NAMES = frozenset({REQUEST_ID_HEADER, *(name for name, _ in SECURITY_HEADERS)})
+FRONT_HEADER_NAMES = frozenset({REQUEST_ID_HEADER, *(name for name, _ in SECURITY_HEADERS)})
 
 
 def _new_request_id_source() -> None:
@@ -268,7 +268,7 @@ class ObservabilityMiddleware:
                 record.bytes_out += len(message.get("body", b""))
             elif kind == "http.response.start":
                 record.status = message["status"]
-                headers = [header for header in message.get("headers", ()) if header[0] not in _FRONT_HEADER_NAMES]
+                headers = [header for header in message.get("headers", ()) if header[0] not in FRONT_HEADER_NAMES]
                 headers.extend(response_headers)
                 message["headers"] = headers  # the inner app's own message: changed in place, not copied
             await send(message)

@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.auth.principal import is_valid_tenant_id
+from gateway.observability import ACCESS_LOG_FLUSH_SECONDS
 
 ENV_PREFIX = "GATEWAY_"
 # RFC 7518 §3.2: an HMAC key at least as long as the hash output.
@@ -111,7 +112,7 @@ class Settings:
     # Authorization header from these networks (loopback only by default).
     access_log: bool = True
     # Access lines are written in batches, at most this long after their request (0: each line at once).
-    access_log_flush_seconds: float = 0.05
+    access_log_flush_seconds: float = ACCESS_LOG_FLUSH_SECONDS
     metrics_token: str | None = field(default=None, repr=False)
     metrics_allow_networks: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
     # Web UI login (gateway/ui.py): the key session cookies are encrypted with (None: no UI login),
