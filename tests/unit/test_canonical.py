@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes
@@ -276,3 +277,73 @@ def test_query_decoding_fast_path_agrees_with_unquote(raw: bytes) -> None:
     except (UnicodeDecodeError, BadRequest):
         expected = BadRequest
     assert _outcome(parse_query, query) == expected
+
+
+# -- the orjson fast paths agree with the strict stdlib ones -------------------------------------------
+
+_JSON_KEYS = st.sampled_from(["a", "b", "run_id", "runId", "k:v", "", "é", "m0"])
+_JSON_STRINGS = st.text(alphabet=st.sampled_from(["a", ":", '"', "\\", "é", "\U0001f600", "\x7f", "\n", "0", " "]))
+_JSON_NUMBERS = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70).map(str),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.sampled_from(
+        ["NaN", "Infinity", "-Infinity", "1e400", "1e-400", "-0", "1E5", "0.1000000000000000055511151231257827"]
+    ),
+)
+
+
+def _json_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+_JSON_VALUES = st.recursive(
+    st.one_of(_JSON_NUMBERS, _JSON_STRINGS.map(_json_string), st.sampled_from(["true", "false", "null"])),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4).map(lambda items: "[" + ",".join(items) + "]"),
+        # Keys may repeat: a duplicate anywhere must be refused on either path.
+        st.lists(st.tuples(_JSON_KEYS.map(_json_string), inner), max_size=4).map(
+            lambda pairs: "{" + ",".join(f"{key}:{value}" for key, value in pairs) + "}"
+        ),
+    ),
+    max_leaves=12,
+)
+
+
+def _strict_parse(body: bytes) -> Any:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("gateway.http.canonical._parse_plain_object", lambda body: None)
+        return parse_json_object(body)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(value=_JSON_VALUES, spaces=st.sampled_from(["", " ", "\n  "]))
+@example(value='{"a":1,"a":2}', spaces="")
+@example(value='{"a":{"k:v":"x:y","k:v":"z"}}', spaces="")
+@example(value='{"a":[{"b":1},{"b":2,"b":3}]}', spaces="")
+@example(value='{"a":18446744073709551616}', spaces="")  # orjson would read a float
+@example(value='{"a":-9223372036854775809}', spaces="")
+@example(value='{"a":"\\u003a","b":1,"b":2}', spaces="")  # an escaped ":" cannot hide a duplicate
+@example(value='{"a":"x\\ud800"}', spaces="")
+def test_plain_body_parsing_agrees_with_the_strict_parser(value: str, spaces: str) -> None:
+    body = (spaces + value + spaces).encode()
+    fast, strict = _outcome(parse_json_object, body), _outcome(_strict_parse, body)
+    assert repr(fast) == repr(strict)  # repr: NaN != NaN, and 1 == 1.0 == True must not pass
+
+
+@settings(max_examples=1500, deadline=None)
+@given(value=_JSON_VALUES)
+def test_dump_json_writes_what_the_stdlib_reads_back(value: str) -> None:
+    try:
+        parsed = _strict_parse(f'{{"v":{value}}}'.encode())
+    except BadRequest:
+        return
+    dumped = dump_json(parsed)
+    assert repr(json.loads(dumped)) == repr(parsed)  # NaN, Infinity and big integers survive
+    if b"null" in dumped:  # orjson's null may stand for NaN or Infinity: the stdlib wrote it
+        assert dumped == json.dumps(parsed, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def test_dump_json_keeps_what_orjson_cannot_write() -> None:
+    assert dump_json({"v": float("inf"), "w": None}) == b'{"v":Infinity,"w":null}'
+    assert dump_json({"v": 2**64}) == b'{"v":18446744073709551616}'
+    assert dump_json({"v": [1.5, "é"]}) == '{"v":[1.5,"é"]}'.encode()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.errors import BadRequest, PermissionDenied
 from gateway.policy import filters
@@ -188,6 +190,34 @@ def test_refused_run_filters(text: str) -> None:
         filters.parse_filter(text, RUNS)
 
 
+def test_canonical_filters_are_remembered_per_grammar_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(filters, "_CANONICAL_FILTERS", {})
+    monkeypatch.setattr(filters, "CANONICAL_FILTER_CACHE_SIZE", 3)
+    parses: list[str] = []
+    real_parse = filters.parse_filter
+    monkeypatch.setattr(filters, "parse_filter", lambda text, grammar: parses.append(text) or real_parse(text, grammar))
+    text = "metrics.acc > 0.5 and tags.x = 'y'"
+    assert filters.canonical_filter(text, RUNS) == "metrics.acc > 0.5 AND tags.x = 'y'"
+    parsed_once = len(parses)
+    assert filters.canonical_filter(text, RUNS) == "metrics.acc > 0.5 AND tags.x = 'y'"
+    assert len(parses) == parsed_once  # the second time from memory
+    # The same text under another grammar is that grammar's answer, not the remembered one.
+    with pytest.raises(FilterError):
+        filters.canonical_filter(text, EXPERIMENTS)
+    # A refused filter is refused every time (never remembered).
+    for _ in range(2):
+        with pytest.raises(FilterError):
+            filters.canonical_filter("metrics.acc > 'x'", RUNS)
+    for index in range(10):
+        filters.canonical_filter(f"tags.t{index} = 'v'", RUNS)
+    assert len(filters._CANONICAL_FILTERS) == 3
+    assert ("runs", "tags.t9 = 'v'") in filters._CANONICAL_FILTERS and ("runs", text) not in filters._CANONICAL_FILTERS
+    long_filter = " AND ".join(f"tags.k{index} = 'v'" for index in range(100))
+    assert len(long_filter) > filters.CACHED_FILTER_MAX_LENGTH
+    assert filters.canonical_filter(long_filter, RUNS) == long_filter
+    assert ("runs", long_filter) not in filters._CANONICAL_FILTERS
+
+
 def test_parsed_form_is_mlflows() -> None:
     parsed = filters.parse_filter(
         "name LIKE 'a%' AND tags.t IS NULL AND experiment_id IN ('1') AND creation_time > 5", EXPERIMENTS
@@ -354,3 +384,34 @@ def test_run_order_by(entry: str, canonical: str) -> None:
 def test_refused_run_order_by(entries: object) -> None:
     with pytest.raises(FilterError):
         filters.canonical_order_by(entries, RUNS)
+
+
+def _tokenize_pattern_by_pattern(text: str) -> list[tuple[str, str, int]]:
+    """tokenize() as first written: each pattern of _TOKEN_PATTERNS tried in turn."""
+    tokens, position = [], 0
+    while position < len(text):
+        if filters._HEX.match(text, position):
+            raise FilterError("hex")
+        for kind, pattern in filters._TOKEN_PATTERNS:
+            match = pattern.match(text, position)
+            if match:
+                tokens.append((kind, match.group(), position))
+                position = match.end()
+                break
+        else:
+            raise FilterError("unexpected")
+    return tokens
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("aZ_0x9.-eE '\"`()<>=!~,\n\tÀé;%*")), max_size=25))
+def test_tokenize_with_one_pattern_agrees_with_pattern_by_pattern(text: str) -> None:
+    try:
+        expected: object = _tokenize_pattern_by_pattern(text)
+    except FilterError as refused:
+        expected = str(refused)
+    try:
+        actual: object = [(token.kind, token.text, token.position) for token in filters.tokenize(text)]
+    except FilterError as refused:
+        actual = "hex" if "Hexadecimal" in str(refused) else "unexpected"
+    assert actual == expected
