@@ -91,6 +91,9 @@ class UpstreamClient:
             connector=connector,
             timeout=self._timeout,
             auto_decompress=False,
+            # One session serves every tenant: a cookie an upstream (or a load balancer before it) set on
+            # one request must not ride along on the next. No jar also saves its look-up per request.
+            cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
             json_serialize=lambda value: orjson.dumps(value).decode(),
         )

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Callable
 
 import httpx
 import pytest
 
-from tests.app.conftest import ACME, API, FakeUpstream, Reply, assert_mlflow_error
+from tests.app.conftest import ACME, API, GLOBEX, FakeUpstream, GatewayUnderTest, Reply, assert_mlflow_error
 from tests.factories import token
 
 HOSTILE_HEADERS = {
@@ -198,3 +199,22 @@ def test_unauthenticated_errors_do_not_leak_the_token(client: httpx.Client, fake
     body = assert_mlflow_error(response, 401, "UNAUTHENTICATED")
     assert forged not in body["message"]
     fake.assert_untouched()
+
+
+def test_upstream_cookies_are_never_kept_nor_sent_for_later_requests(
+    start_gateway: Callable[..., GatewayUnderTest], fake: FakeUpstream
+) -> None:
+    # A host name, not 127.0.0.1: a cookie jar ignores cookies from IP addresses, but not from
+    # "mlflow.internal" or a load balancer in front of MLflow. One shared jar would replay a cookie set
+    # on one tenant's request to the upstream on every other tenant's requests.
+    gateway = start_gateway(upstream_url=fake.url.replace("127.0.0.1", "localhost"))
+    acme_run, globex_run = _owned_run(fake), fake.add_run(fake.add_experiment("globex", "headers"))
+    fake.on_mlflow(
+        "POST", "runs/log-parameter", Reply(200, {}, headers=(("Set-Cookie", "session=acme-secret; Path=/"),))
+    )
+    params = {"key": "p", "value": "1"}
+    assert gateway.client.post(f"{API}/runs/log-parameter", headers=ACME, json={"run_id": acme_run, **params})
+    response = gateway.client.post(f"{API}/runs/log-parameter", headers=GLOBEX, json={"run_id": globex_run, **params})
+    assert response.status_code == 200, response.text
+    assert len(fake.forwarded("POST", "runs/log-parameter")) == 2
+    assert all(request.header("cookie") is None for request in fake.requests), [r.headers for r in fake.requests]
