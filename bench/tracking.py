@@ -54,6 +54,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import overhead
 from common import (
     cpu_seconds,
     exit_on_sigterm,
@@ -71,6 +72,7 @@ from gateway.dev import DevStack, gateway_environment
 API = "/api/2.0/mlflow"
 OPS = ("create", "log_batch", "get", "search", "update")
 PATHS = ("direct", "gateway")
+PATHS_WITH_PASSTHROUGH = ("direct", "passthrough", "gateway")
 TENANT = "bench"
 TARGET_RATIO = 0.95
 TARGET_P50_ADDED_MS = 2.0
@@ -86,11 +88,19 @@ REQUEST_TIMEOUT_S = 30.0
 _ACCESS_LINE = re.compile(rb'"([A-Z]+) (/[^ ?"]*)[^ "]* HTTP/[0-9.]+" ([0-9]{3})')
 
 
+# The tags the stock client sends with every run it creates (``mlflow.start_run()``: MLflow's default
+# run context), on every path. The gateway sets mlflow.user from the token instead of the client's.
+CLIENT_TAGS: list[dict[str, str]] = [
+    {"key": "mlflow.user", "value": "bench"},
+    {"key": "mlflow.source.name", "value": "bench/tracking.py"},
+    {"key": "mlflow.source.type", "value": "LOCAL"},
+]
 # What the gateway adds to every runs/create (user_id and these tags, from the token). With
 # --direct-provenance the direct path sends them itself, so MLflow stores the same data on both paths.
 PROVENANCE: dict[str, Any] = {
     "user_id": "bench",
     "tags": [
+        *CLIENT_TAGS[1:],
         {"key": "matih.tenant_id", "value": TENANT},
         {"key": "matih.user_id", "value": "bench"},
         {"key": "mlflow.user", "value": "bench"},
@@ -167,7 +177,12 @@ async def run_load(args: argparse.Namespace) -> dict[str, Any]:
             cycle = 0
             while time.perf_counter() < t_end:
                 cycle += 1
-                create = {"experiment_id": args.experiment_id, "start_time": _now_ms(), "run_name": f"w{index}-{cycle}"}
+                create = {
+                    "experiment_id": args.experiment_id,
+                    "start_time": _now_ms(),
+                    "run_name": f"w{index}-{cycle}",
+                    "tags": CLIENT_TAGS,
+                }
                 if args.provenance:
                     create |= PROVENANCE
                 created = await call("create", "POST", f"{base}/runs/create", create)
@@ -302,7 +317,7 @@ def measure(
         token,
         "--experiment-id",
         experiment_id,
-        *(["--provenance"] if path == "direct" and args.direct_provenance else []),
+        *(["--provenance"] if path != "gateway" and args.direct_provenance else []),
         "--clients",
         str(args.clients),
         "--warmup",
@@ -364,10 +379,10 @@ def summarize_path(runs: list[dict[str, Any]], duration: float) -> dict[str, Any
         for name, value in r["cpu_pct"].items():
             cpu.setdefault(name, []).append(value)
     ops_s = [n / duration for n in ops_per_round]
-    gateway_cpu_us = [
-        r["cpu_pct"]["gateway"] / 100 * duration / n * 1e6
+    proxy_cpu_us = [  # the CPU of the path's own proxy (the gateway, or the bare passthrough)
+        r["cpu_pct"][r["path"]] / 100 * duration / n * 1e6
         for r, n in zip(runs, ops_per_round, strict=True)
-        if "gateway" in r["cpu_pct"] and n
+        if r["path"] in r["cpu_pct"] and n
     ]
     mlflow_cpu_us = [
         r["cpu_pct"]["mlflow"] / 100 * duration / n * 1e6 for r, n in zip(runs, ops_per_round, strict=True) if n
@@ -387,12 +402,13 @@ def summarize_path(runs: list[dict[str, Any]], duration: float) -> dict[str, Any
         "upstream_per_client_call": ratio(upstream_calls, client_calls, 4),
         "upstream_by_route": dict(upstream.most_common()),
         "cpu_pct_median": {name: round(statistics.median(values), 1) for name, values in cpu.items()},
-        "gateway_cpu_us_per_op": round(statistics.median(gateway_cpu_us)) if gateway_cpu_us else None,
+        "proxy_cpu_us_per_op": round(statistics.median(proxy_cpu_us)) if proxy_cpu_us else None,
         "mlflow_cpu_us_per_op": round(statistics.median(mlflow_cpu_us)) if mlflow_cpu_us else None,
     }
 
 
 def print_report(runs: list[dict[str, Any]], summary: dict[str, Any], args: argparse.Namespace) -> None:
+    paths = args.paths
     print(
         f"tracking benchmark: {args.clients} clients, {args.rounds} rounds x ({args.warmup:g} s warm-up + "
         f"{args.duration:g} s) per path, mlflow server --workers {args.mlflow_workers}, {os.cpu_count()} CPUs"
@@ -400,8 +416,8 @@ def print_report(runs: list[dict[str, Any]], summary: dict[str, Any], args: argp
     )
     print()
     header = (
-        f"{'#':>2} {'path':<8} {'ops/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'up/client':>9}"
-        "  cpu% gateway/mlflow/loadgen"
+        f"{'#':>2} {'path':<11} {'ops/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'up/client':>9}"
+        "  cpu% proxy/mlflow/loadgen"
     )
     print(header)
     print("-" * len(header))
@@ -412,17 +428,19 @@ def print_report(runs: list[dict[str, Any]], summary: dict[str, Any], args: argp
         up = sum(r["upstream"].values())
         cpu = r["cpu_pct"]
         print(
-            f"{i:>2} {r['path']:<8} {n / args.duration:>8.1f} {percentile(values, 50):>8.2f}"
+            f"{i:>2} {r['path']:<11} {n / args.duration:>8.1f} {percentile(values, 50):>8.2f}"
             f" {percentile(values, 99):>8.2f} {errors:>6} {up / max(1, n + errors):>9.3f}"
-            f"  {cpu.get('gateway', '-')}/{cpu.get('mlflow')}/{cpu.get('loadgen')}"
+            f"  {cpu.get(r['path'], '-')}/{cpu.get('mlflow')}/{cpu.get('loadgen')}"
         )
     print()
-    header = f"{'op':<10} " + " ".join(f"{p + ' p50':>12} {p + ' p99':>12}" for p in PATHS) + f" {'p50 added':>10}"
+    header = (
+        f"{'op':<10} " + " ".join(f"{p[:7] + ' p50':>12} {p[:7] + ' p99':>12}" for p in paths) + f" {'p50 added':>10}"
+    )
     print(header)
     print("-" * len(header))
     for op in (*OPS, "overall"):
         cells = []
-        for path in PATHS:
+        for path in paths:
             s = summary[path] if op == "overall" else summary[path]["per_op"][op]
             cells.append(f"{s['p50_ms']:>12.2f} {s['p99_ms']:>12.2f}")
         added = summary["p50_added_ms"] if op == "overall" else summary["p50_added_ms_per_op"][op]
@@ -435,16 +453,22 @@ def print_report(runs: list[dict[str, Any]], summary: dict[str, Any], args: argp
         f"(per round: {summary['ratio_per_round']}; target >= {TARGET_RATIO})"
     )
     print(f"p50 added: {summary['p50_added_ms']} ms (target <= {TARGET_P50_ADDED_MS} ms)")
+    if "passthrough" in summary:
+        print(
+            f"p50 added by the bare passthrough: {summary['p50_added_ms_passthrough']} ms; by the gateway over it: "
+            f"{summary['p50_added_ms_over_passthrough']} ms"
+        )
     print(
         f"upstream calls per client call: direct {d['upstream_per_client_call']}, gateway "
         f"{g['upstream_per_client_call']} (target <= {TARGET_AMPLIFICATION})"
     )
     print(f"gateway upstream calls by route: {g['upstream_by_route']}")
     print(
-        f"gateway CPU per op: {g['gateway_cpu_us_per_op']} us; mlflow CPU per op: direct "
-        f"{d['mlflow_cpu_us_per_op']} us, gateway {g['mlflow_cpu_us_per_op']} us"
+        f"proxy CPU per op: gateway {g['proxy_cpu_us_per_op']} us"
+        + (f", passthrough {summary['passthrough']['proxy_cpu_us_per_op']} us" if "passthrough" in summary else "")
+        + f"; mlflow CPU per op: direct {d['mlflow_cpu_us_per_op']} us, gateway {g['mlflow_cpu_us_per_op']} us"
     )
-    for path in PATHS:
+    for path in paths:
         if summary[path]["errors"] or summary[path]["failed_calls_total"]:
             print(
                 f"{path}: {summary[path]['errors']} errors in the windows, {summary[path]['failed_calls_total']} "
@@ -467,24 +491,28 @@ def main_orchestrator(args: argparse.Namespace) -> int:
             env = gateway_environment(stack, secret)
             if args.gateway_log_level:
                 env["GATEWAY_LOG_LEVEL"] = args.gateway_log_level
-            with running_gateway(stack.data_dir / "logs", "gateway", env) as (gateway, gateway_url):
+            with contextlib.ExitStack() as proxies:
+                gateway, gateway_url = proxies.enter_context(running_gateway(stack.data_dir / "logs", "gateway", env))
                 urls = {"direct": stack.mlflow_url, "gateway": gateway_url}
-                suffix = uuid.uuid4().hex[:8]
-                experiments = {
-                    "direct": http_json(
-                        "POST", f"{stack.mlflow_url}{API}/experiments/create", body={"name": f"direct-{suffix}"}
-                    )["experiment_id"],
-                    "gateway": http_json(
-                        "POST",
-                        f"{gateway_url}{API}/experiments/create",
-                        token=token,
-                        body={"name": f"tracking-{suffix}"},
-                    )["experiment_id"],
-                }
                 watch = {"mlflow": f"g{stack.mlflow.pid}", "gateway": str(gateway.pid)}
+                if "passthrough" in args.paths:
+                    passthrough, urls["passthrough"] = proxies.enter_context(
+                        overhead.server("passthrough", stack.data_dir / "logs", stack.mlflow_url)
+                    )
+                    watch["passthrough"] = str(passthrough.pid)
+                suffix = uuid.uuid4().hex[:8]
+                experiments = {  # each path its own experiment; the gateway's is created through it
+                    path: http_json(
+                        "POST",
+                        f"{urls[path]}{API}/experiments/create",
+                        token=token if path == "gateway" else None,
+                        body={"name": f"{path}-{suffix}"},
+                    )["experiment_id"]
+                    for path in args.paths
+                }
                 order: list[str] = []
                 for i in range(args.rounds):
-                    order += list(PATHS) if i % 2 == 0 else list(reversed(PATHS))
+                    order += list(args.paths) if i % 2 == 0 else list(reversed(args.paths))
                 for i, path in enumerate(order, 1):
                     log(f"[{i}/{len(order)}] {path}: {args.warmup:g} s warm-up + {args.duration:g} s ...")
                     result = measure(path, urls[path], token, experiments[path], args, mlflow_log, watch)
@@ -496,7 +524,7 @@ def main_orchestrator(args: argparse.Namespace) -> int:
                     runs.append(result)
 
     summary: dict[str, Any] = {
-        path: summarize_path([r for r in runs if r["path"] == path], args.duration) for path in PATHS
+        path: summarize_path([r for r in runs if r["path"] == path], args.duration) for path in args.paths
     }
     d, g = summary["direct"], summary["gateway"]
     summary["ratio_gateway_over_direct"] = ratio(g["ops_s"], d["ops_s"])
@@ -504,6 +532,9 @@ def main_orchestrator(args: argparse.Namespace) -> int:
     summary["ratio_per_round"] = [ratio(gr, dr) for gr, dr in zip(g["ops_s_rounds"], d["ops_s_rounds"], strict=True)]
     summary["p50_added_ms"] = round(g["p50_ms"] - d["p50_ms"], 2)
     summary["p50_added_ms_per_op"] = {op: round(g["per_op"][op]["p50_ms"] - d["per_op"][op]["p50_ms"], 2) for op in OPS}
+    if "passthrough" in summary:  # what any proxy hop adds here, and what the gateway adds over it
+        summary["p50_added_ms_passthrough"] = round(summary["passthrough"]["p50_ms"] - d["p50_ms"], 2)
+        summary["p50_added_ms_over_passthrough"] = round(g["p50_ms"] - summary["passthrough"]["p50_ms"], 2)
     print_report(runs, summary, args)
     report = {
         "benchmark": "tracking",
@@ -516,6 +547,7 @@ def main_orchestrator(args: argparse.Namespace) -> int:
         "mlflow_env": MLFLOW_ENV,
         "sqlite_wal": not args.no_wal,
         "direct_provenance": args.direct_provenance,
+        "paths": list(args.paths),
         "machine": machine(),
         **summary,
         "targets": {
@@ -545,6 +577,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the direct path creates runs with the user and tags the gateway adds (same data stored on both paths)",
     )
     parser.add_argument(
+        "--passthrough",
+        action="store_true",
+        help="a third path: overhead.py's bare passthrough in front of the same MLflow (what any proxy hop adds)",
+    )
+    parser.add_argument(
         "--mlflow-workers", type=int, default=1, help="mlflow server --workers (default 1, as the dev stack)"
     )
     parser.add_argument(
@@ -566,6 +603,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.rounds = args.rounds if args.rounds is not None else defaults[0]
     args.duration = args.duration if args.duration is not None else defaults[1]
     args.warmup = args.warmup if args.warmup is not None else defaults[2]
+    args.paths = PATHS_WITH_PASSTHROUGH if args.passthrough else PATHS
     if args.clients < 1 or args.rounds < 1 or args.duration <= 0 or args.warmup < 0:
         parser.error("--clients and --rounds must be >= 1, --duration > 0, --warmup >= 0")
     return args
