@@ -602,20 +602,19 @@ def serialise_filter(comparisons: list[Comparison], grammar: Grammar) -> str:
 # (the UI's run table, a script's polling loop), and parsing one twice (serialise_filter) costs ~100 us.
 _CANONICAL_FILTERS: dict[tuple[str, str], str] = {}
 CANONICAL_FILTER_CACHE_SIZE = 1024
-CACHED_FILTER_MAX_LENGTH = 1024  # longer filters are parsed every time: the cache stays under ~2 MiB
+CACHED_FILTER_MAX_LENGTH = 1024  # characters; longer filters are parsed every time (a few MiB at worst)
 
 
 def canonical_filter(text: str, grammar: Grammar) -> str:
     """Parse ``text`` and return its canonical form ("" for an empty filter)."""
-    if type(text) is not str or len(text) > CACHED_FILTER_MAX_LENGTH:
-        return serialise_filter(parse_filter(text, grammar), grammar) if text else ""
-    key = (grammar.name, text)
-    canonical = _CANONICAL_FILTERS.get(key)
+    key = (grammar.name, text) if type(text) is str and len(text) <= CACHED_FILTER_MAX_LENGTH else None
+    canonical = _CANONICAL_FILTERS.get(key) if key is not None else None
     if canonical is None:
         canonical = serialise_filter(parse_filter(text, grammar), grammar) if text else ""
-        if len(_CANONICAL_FILTERS) >= CANONICAL_FILTER_CACHE_SIZE:
-            del _CANONICAL_FILTERS[next(iter(_CANONICAL_FILTERS))]  # the oldest entry
-        _CANONICAL_FILTERS[key] = canonical
+        if key is not None:
+            if len(_CANONICAL_FILTERS) >= CANONICAL_FILTER_CACHE_SIZE:
+                del _CANONICAL_FILTERS[next(iter(_CANONICAL_FILTERS))]  # the oldest entry
+            _CANONICAL_FILTERS[key] = canonical
     return canonical
 
 
