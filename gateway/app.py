@@ -29,7 +29,7 @@ from gateway.errors import (
 from gateway.http.canonical import (
     canonical_path,
     dump_json,
-    normalise_field_names,
+    parse_json_message,
     parse_json_object,
     parse_query,
 )
@@ -274,8 +274,7 @@ def _parse_body(action: Policy | Served, method: str, raw: bytes, *, normalise: 
         if raw.strip():
             raise BadRequest(f"A {method} request to this endpoint must not carry a body")
         return None
-    parsed = parse_json_object(raw)
-    return normalise_field_names(parsed) if normalise else parsed
+    return parse_json_message(raw) if normalise else parse_json_object(raw)
 
 
 async def _run_lifespan(gateway: Gateway, receive: Receive, send: Send) -> None:

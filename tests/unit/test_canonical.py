@@ -16,6 +16,7 @@ from gateway.http.canonical import (
     canonical_path,
     dump_json,
     normalise_field_names,
+    parse_json_message,
     parse_json_object,
     parse_query,
     single_value,
@@ -347,3 +348,18 @@ def test_dump_json_keeps_what_orjson_cannot_write() -> None:
     assert dump_json({"v": float("inf"), "w": None}) == b'{"v":Infinity,"w":null}'
     assert dump_json({"v": 2**64}) == b'{"v":18446744073709551616}'
     assert dump_json({"v": [1.5, "é"]}) == '{"v":[1.5,"é"]}'.encode()
+
+
+@settings(max_examples=1000, deadline=None)
+@given(value=_JSON_VALUES)
+@example(value='{"runId":"x"}')
+@example(value='{"run\\u0049d":"x"}')  # an escaped capital is renamed too
+@example(value='{"run_id":"x","runId":"y"}')
+@example(value='{"a":"RUNNING","b":[{"modelId":"m"}]}')
+def test_parse_json_message_renames_exactly_as_normalise_field_names(value: str) -> None:
+    body = f'{{"v":{value}}}'.encode()
+
+    def reference(raw: bytes) -> Any:
+        return normalise_field_names(_strict_parse(raw))
+
+    assert repr(_outcome(parse_json_message, body)) == repr(_outcome(reference, body))
