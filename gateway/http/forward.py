@@ -19,7 +19,7 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from gateway.errors import GatewayError, redact_internal_details
-from gateway.http.canonical import Query
+from gateway.http.canonical import Query, dump_json
 from gateway.http.upstream import UpstreamResponse
 from gateway.middleware import client_disconnect
 from gateway.observability import client_address
@@ -210,9 +210,7 @@ def _decode(raw: bytes) -> tuple[Any, bool]:
 
 def _encode(value: Any, *, non_finite: bool) -> bytes:
     """Encode a rewritten body; NaN/Infinity are kept as MLflow wrote them (orjson would write null)."""
-    if non_finite:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    return orjson.dumps(value)
+    return dump_json(value) if non_finite else orjson.dumps(value)
 
 
 def _rewrite(ex: Exchange, policy: Policy, status: int, raw: bytes) -> bytes:
