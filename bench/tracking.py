@@ -96,7 +96,7 @@ CLIENT_TAGS: list[dict[str, str]] = [
     {"key": "mlflow.source.type", "value": "LOCAL"},
 ]
 # What the gateway adds to every runs/create (user_id and these tags, from the token). With
-# --direct-provenance the direct path sends them itself, so MLflow stores the same data on both paths.
+# --direct-provenance the direct (and passthrough) path sends them itself: MLflow stores the same data on every path.
 PROVENANCE: dict[str, Any] = {
     "user_id": "bench",
     "tags": [
@@ -412,7 +412,7 @@ def print_report(runs: list[dict[str, Any]], summary: dict[str, Any], args: argp
     print(
         f"tracking benchmark: {args.clients} clients, {args.rounds} rounds x ({args.warmup:g} s warm-up + "
         f"{args.duration:g} s) per path, mlflow server --workers {args.mlflow_workers}, {os.cpu_count()} CPUs"
-        + (", the direct path sends the gateway's user and tags" if args.direct_provenance else "")
+        + (", the direct and passthrough paths send the gateway's user and tags" if args.direct_provenance else "")
     )
     print()
     header = (
@@ -574,7 +574,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--direct-provenance",
         action="store_true",
-        help="the direct path creates runs with the user and tags the gateway adds (same data stored on both paths)",
+        help="the direct (and passthrough) path creates runs with the user and tags the gateway adds",
     )
     parser.add_argument(
         "--passthrough",
