@@ -9,7 +9,7 @@ httptools, one worker and no access log:
   answers ``OK``; with the headers ``mlflow server`` 3.17 sends (``MLFLOW_RESPONSE_HEADERS``);
 * ``passthrough``: a bare passthrough proxy on the gateway's own stack: a pure ASGI app that forwards
   the method, path, query, body and an allow-list of headers through the gateway's
-  :class:`gateway.http.upstream.UpstreamClient` (aiohttp) and streams the answer back with its headers
+  :class:`gateway.http.upstream.UpstreamClient` and streams the answer back with its headers
   (all but the hop-by-hop ones, as nginx's ``proxy_pass`` does). No authentication, no policy; its garbage
   collector is set as the served gateway's (``gc.freeze`` after start-up, the young generation's threshold);
 * ``gateway``: ``mlflow-gateway serve`` (JWT authentication with an HS256 secret, the route table, the
@@ -90,6 +90,10 @@ NO_LOG_TARGET = "gateway_no_access_log"
 # uvicorn's pure-Python event loop and HTTP parser instead of uvloop and httptools.
 WORKERS_TARGET = "gateway_2_workers"
 ASYNCIO_TARGET = "gateway_asyncio_h11"
+# --aiohttp-passthrough: the same bare passthrough forwarding through aiohttp (bench/aiohttp_client.py, the
+# gateway's upstream client until the eighth session of issue 9): what a bare Python proxy written with a
+# common HTTP client costs, next to the one on the gateway's own client.
+AIOHTTP_TARGET = "passthrough_aiohttp"
 TARGET_RATIO = 0.8
 TARGET_RPS_PER_WORKER = 2000
 START_TIMEOUT_S = 30.0
@@ -210,10 +214,15 @@ async def upstream_app(scope: Scope, receive: Receive, send: Send) -> None:
 class PassthroughProxy:
     """A bare passthrough on the gateway's stack: pure ASGI + the gateway's UpstreamClient; no auth, no policy."""
 
-    def __init__(self, upstream_url: str, *, gateway_headers: bool = False) -> None:
+    def __init__(self, upstream_url: str, *, gateway_headers: bool = False, aiohttp: bool = False) -> None:
         from gateway.http.upstream import UpstreamClient
 
-        self.upstream = UpstreamClient(upstream_url)
+        if aiohttp:
+            from aiohttp_client import AiohttpUpstreamClient
+
+            self.upstream: Any = AiohttpUpstreamClient(upstream_url)
+        else:
+            self.upstream = UpstreamClient(upstream_url)
         # bench/instructions.py: the headers the gateway adds (upstream: X-Forwarded-For, a request id;
         # response: the security headers and the request id), to tell their cost from the policy's.
         self.gateway_headers = gateway_headers
@@ -290,7 +299,9 @@ def serve(role: str, port: int, upstream: str | None) -> None:
     app: Any = (
         upstream_app
         if role == "upstream"
-        else PassthroughProxy(upstream or "", gateway_headers=role == "passthrough-gateway-headers")
+        else PassthroughProxy(
+            upstream or "", gateway_headers=role == "passthrough-gateway-headers", aiohttp=role == "passthrough-aiohttp"
+        )
     )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -527,6 +538,9 @@ def main_orchestrator(args: argparse.Namespace) -> int:
                 urls[WORKERS_TARGET], pids[WORKERS_TARGET] = workers_url, workers.pid
                 plain, plain_url = stack.enter_context(server("gateway-asyncio", workdir, env=settings))
                 urls[ASYNCIO_TARGET], pids[ASYNCIO_TARGET] = plain_url, plain.pid
+            if args.aiohttp_passthrough:
+                bare, bare_url = stack.enter_context(server("passthrough-aiohttp", workdir, upstream_url))
+                urls[AIOHTTP_TARGET], pids[AIOHTTP_TARGET] = bare_url, bare.pid
             check_targets(urls, token)
             targets = list(urls)
             order: list[str] = []
@@ -565,7 +579,7 @@ def main_orchestrator(args: argparse.Namespace) -> int:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    every_target = (*TARGETS, NO_LOG_TARGET, WORKERS_TARGET, ASYNCIO_TARGET)
+    every_target = (*TARGETS, AIOHTTP_TARGET, NO_LOG_TARGET, WORKERS_TARGET, ASYNCIO_TARGET)
     measured = [target for target in every_target if any(r["target"] == target for r in runs)]
     summary = {target: summarize([r for r in runs if r["target"] == target]) for target in measured}
     g, p = summary["gateway"], summary["passthrough"]
@@ -583,6 +597,14 @@ def main_orchestrator(args: argparse.Namespace) -> int:
         "ratio_gateway_over_passthrough": ratio(g["rps_median"], p["rps_median"]),
         "ratio_gateway_over_passthrough_best": ratio(g["rps_best"], p["rps_best"]),
         "ratio_cpu_per_req_gateway_over_passthrough": ratio(g["cpu_us_per_req_median"], p["cpu_us_per_req_median"]),
+        "ratio_gateway_over_passthrough_aiohttp": (
+            ratio(g["rps_median"], summary[AIOHTTP_TARGET]["rps_median"]) if AIOHTTP_TARGET in summary else None
+        ),
+        "ratio_cpu_per_req_gateway_over_passthrough_aiohttp": (
+            ratio(g["cpu_us_per_req_median"], summary[AIOHTTP_TARGET]["cpu_us_per_req_median"])
+            if AIOHTTP_TARGET in summary
+            else None
+        ),
         "ratio_gateway_no_access_log_over_passthrough": (
             ratio(summary[NO_LOG_TARGET]["rps_median"], p["rps_median"]) if NO_LOG_TARGET in summary else None
         ),
@@ -635,6 +657,11 @@ def print_report(summary: dict[str, Any], report: dict[str, Any], args: argparse
         f"{report['ratio_cpu_per_req_gateway_over_passthrough']}x"
     )
     print(f"gateway req/s per worker: {summary['gateway']['rps_median']:.0f} (target >= {TARGET_RPS_PER_WORKER})")
+    if report["ratio_gateway_over_passthrough_aiohttp"] is not None:
+        print(
+            f"gateway / {AIOHTTP_TARGET}: {report['ratio_gateway_over_passthrough_aiohttp']} (median req/s), "
+            f"CPU per request {report['ratio_cpu_per_req_gateway_over_passthrough_aiohttp']}x"
+        )
     if report["ratio_gateway_no_access_log_over_passthrough"] is not None:
         print(
             f"{NO_LOG_TARGET} / passthrough: {report['ratio_gateway_no_access_log_over_passthrough']} (median req/s), "
@@ -688,8 +715,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "uvloop + httptools)",
     )
     parser.add_argument(
+        "--aiohttp-passthrough",
+        action="store_true",
+        help=f"also measure {AIOHTTP_TARGET}: the bare passthrough forwarding through aiohttp instead of the "
+        "gateway's own upstream client",
+    )
+    parser.add_argument(
         "--role",
-        choices=("orchestrator", "upstream", "passthrough", "passthrough-gateway-headers", "gateway-asyncio"),
+        choices=(
+            "orchestrator",
+            "upstream",
+            "passthrough",
+            "passthrough-gateway-headers",
+            "passthrough-aiohttp",
+            "gateway-asyncio",
+        ),
         default="orchestrator",
         help=argparse.SUPPRESS,
     )

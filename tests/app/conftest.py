@@ -1,6 +1,6 @@
 """App tier: the real gateway on a real uvicorn, in front of a programmable fake MLflow.
 
-The gateway's upstream client is aiohttp, so the fake upstream must listen on a real socket: it is
+The gateway's upstream client speaks HTTP over TCP, so the fake upstream must listen on a real socket: it is
 a raw ASGI app served by uvicorn in a background thread. It records every request it receives
 (method, raw path, query string, headers, body) and answers from handlers keyed by (method, path),
 with MLflow-like defaults backed by a small in-memory store (experiments, runs, logged models).

@@ -2,9 +2,9 @@
 
 The fake upstream here is a raw socket server, because the failures under test happen below HTTP: it
 reads a whole request (so it counts as having *arrived*), then closes the connection without a byte of
-response, either cleanly (FIN: aiohttp's ServerDisconnectedError, what a stale pooled keep-alive
-connection looks like) or abortively (RST: connection reset). A request the upstream received must
-never be sent twice unless it is an idempotent GET/HEAD without a body.
+response, either cleanly (FIN, what a stale pooled keep-alive connection looks like) or abortively
+(RST: connection reset). A request the upstream received must never be sent twice unless it is an
+idempotent GET/HEAD without a body.
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def test_a_post_is_never_sent_twice(
 def test_the_client_never_resends_a_non_retried_method_on_a_stale_connection(
     upstream: DroppingUpstream, method: str
 ) -> None:
-    """aiohttp itself re-sends PUT/DELETE on a failed pooled connection; the gateway's client must not."""
+    """A PUT/DELETE (RFC 9110: idempotent) is not re-sent either: MLflow's handlers are not written for it."""
 
     async def scenario() -> None:
         client = UpstreamClient(upstream.url, connect_timeout=2, timeout=5)
