@@ -1,4 +1,4 @@
-"""Which upstream HTTP client should an ASGI passthrough proxy use: httpx or aiohttp?
+"""Which upstream HTTP client should an ASGI passthrough proxy use: httpx, aiohttp or the gateway's own?
 
 Everything runs on 127.0.0.1, each part in its own process:
 
@@ -8,11 +8,14 @@ Everything runs on 127.0.0.1, each part in its own process:
   ``httpx.AsyncClient`` created in the lifespan;
 * ``aiohttp``: the same proxy forwarding with one shared ``aiohttp.ClientSession``
   (``TCPConnector(limit=100)``);
+* ``gateway_client``: the same proxy forwarding with the gateway's own client
+  (:class:`gateway.http.upstream.UpstreamClient`: HTTP/1.1 on asyncio, httptools' parser), which replaced
+  aiohttp in the gateway (bench/RESULTS.md, section 2h);
 * ``load``: a closed-loop load generator (aiohttp client, N connections, warm-up then a fixed window),
   started once per measurement.
 
-The targets are measured in alternating order (``direct, httpx, aiohttp, aiohttp, httpx, direct`` for
-two rounds). A readable table goes to stdout, progress to stderr, and the LAST line of stdout is one
+The targets are measured in alternating order (``direct, httpx, ..., gateway_client, gateway_client, ...,
+httpx, direct`` for two rounds). A readable table goes to stdout, progress to stderr, and the LAST line of stdout is one
 JSON object with the figures.
 
 Usage::
@@ -54,6 +57,8 @@ import uvicorn
 import uvloop
 from yarl import URL
 
+from gateway.http.upstream import UpstreamClient
+
 HOST = "127.0.0.1"
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -69,7 +74,7 @@ FORWARD_HEADERS = frozenset({b"accept", b"authorization", b"content-type", b"x-r
 POOL_SIZE = 100
 UPSTREAM_TIMEOUT_S = 30.0
 KEEP_ALIVE_S = 75  # longer than the gap between two measurements of one target
-PROXIES = ("httpx", "httpx_sniffio", "aiohttp")
+PROXIES = ("httpx", "httpx_sniffio", "aiohttp", "gateway_client")
 TARGETS = ("direct", *PROXIES)
 SERVER_ROLES = ("upstream", *PROXIES)
 STARTUP_TIMEOUT_S = 30.0
@@ -223,6 +228,25 @@ class AiohttpProxy(PassthroughProxy):
             return response.status, content, response.headers.get("Content-Type")
 
 
+class GatewayClientProxy(PassthroughProxy):
+    client: UpstreamClient
+
+    async def start(self) -> None:
+        self.client = UpstreamClient(self.upstream, timeout=UPSTREAM_TIMEOUT_S, pool_size=POOL_SIZE)
+        await self.client.start()
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def forward(
+        self, method: str, url: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, bytes, str | None]:
+        response = await self.client.send(method, url[len(self.upstream) :], headers=headers, body=body or None)
+        content = await response.read()
+        content_type = next((v for k, v in response.headers if k.lower() == b"content-type"), None)
+        return response.status, content, content_type.decode("latin-1") if content_type is not None else None
+
+
 # --------------------------------------------------------------------------------------------------
 # Child processes: servers and the load generator
 # --------------------------------------------------------------------------------------------------
@@ -281,6 +305,9 @@ def serve(role: str, upstream: str | None, lifetime_s: float) -> None:
     elif role == "aiohttp":
         assert upstream is not None
         app = AiohttpProxy(upstream)
+    elif role == "gateway_client":
+        assert upstream is not None
+        app = GatewayClientProxy(upstream)
     else:
         raise SystemExit(f"unknown server role {role!r}")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -627,6 +654,9 @@ def print_report(runs: list[dict[str, Any]], summary: dict[str, dict[str, Any]],
         value = ratio(summary["aiohttp"]["rps_median"], summary[other]["rps_median"])
         if value is not None:
             print(f"aiohttp / {other} (median req/s): {value:.2f}x")
+    value = ratio(summary["gateway_client"]["rps_median"], summary["aiohttp"]["rps_median"])
+    if value is not None:
+        print(f"gateway_client / aiohttp (median req/s): {value:.2f}x")
     if not sniffio_installed():
         print("sniffio is not installed here: 'httpx' pays for a failed import per lock, 'httpx_sniffio' does not.")
 
@@ -693,6 +723,9 @@ def main_orchestrator(args: argparse.Namespace) -> int:
         "ratio_aiohttp_over_httpx_best": ratio(summary["aiohttp"]["rps_best"], summary["httpx"]["rps_best"]),
         "ratio_aiohttp_over_httpx_sniffio": ratio(
             summary["aiohttp"]["rps_median"], summary["httpx_sniffio"]["rps_median"]
+        ),
+        "ratio_gateway_client_over_aiohttp": ratio(
+            summary["gateway_client"]["rps_median"], summary["aiohttp"]["rps_median"]
         ),
     }
     print(orjson.dumps(report).decode(), flush=True)
