@@ -40,7 +40,7 @@ import orjson
 from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from gateway.observability import current_request, note_upstream, note_upstream_error
 
-CHUNK_SIZE = 64 * 1024
+JOINED_BODY_BYTES = 64 * 1024  # a request body up to this size is sent in one buffer with its head
 RETRIED_METHODS = frozenset({"GET", "HEAD"})
 KEEPALIVE_SECONDS = 30.0
 STREAM_HIGH_WATER = 256 * 1024  # unread bytes of an answer not read whole above which reading the socket pauses
@@ -147,7 +147,7 @@ class _Connection(asyncio.Protocol):
 
     # --- the exchange, for UpstreamClient and UpstreamResponse
 
-    def begin(self, response: UpstreamResponse, request: bytes, *, head: bool) -> bool:
+    def begin(self, response: UpstreamResponse, request: bytes, body: bytes | None, *, head: bool) -> bool:
         """Start an exchange by writing ``request``; False if the connection turned out to be closed."""
         transport = self.transport
         if self.closed or transport is None or transport.is_closing():
@@ -156,6 +156,8 @@ class _Connection(asyncio.Protocol):
         self.last_data = self.loop.time()
         try:
             transport.write(request)
+            if body is not None:  # a large body: not copied into one buffer with the head (see _request)
+                transport.write(body)
         except RuntimeError:  # uvloop: the handle closed before connection_lost was delivered
             self.response = None
             return False
@@ -363,6 +365,8 @@ class UpstreamClient:
         if not self._started:
             raise UpstreamUnavailable("Upstream client is not started")
         request = self._request(method, path_and_query, headers, body)
+        if body is not None and len(body) <= JOINED_BODY_BYTES:
+            request, body = request + body, None  # one write, one TCP segment for a small request
         retry = method in RETRIED_METHODS and body is None
         head = method == "HEAD"
         started = time.perf_counter()
@@ -377,7 +381,7 @@ class UpstreamClient:
                 raise _translate(refused) from None
             pooled = connection.idle_since > 0.0
             response = UpstreamResponse(connection)
-            if connection.begin(response, request, head=head):
+            if connection.begin(response, request, body, head=head):
                 try:
                     while not connection.headers_done and response._failure is None:
                         await connection.wait()
@@ -421,7 +425,7 @@ class UpstreamClient:
     # --- the request and the pool
 
     def _request(self, method: str, target: str, headers: Mapping[str, str], body: bytes | None) -> bytes:
-        """The request's bytes; refuses a CR or LF in any part (header injection, request smuggling)."""
+        """The request line and headers; refuses a CR or LF in any part (header injection, request smuggling)."""
         lines = [f"{method} {self._prefix}{target} HTTP/1.1\r\n", self._own_headers]
         own = _OWN_HEADERS
         for name, value in headers.items():
@@ -440,7 +444,7 @@ class UpstreamClient:
             encoded = head.encode("latin-1")  # client headers arrive as bytes decoded as latin-1: sent as they came
         except UnicodeEncodeError:
             encoded = head.encode()
-        return encoded + body if body else encoded
+        return encoded
 
     async def _acquire(self) -> _Connection:
         while True:

@@ -668,3 +668,20 @@ def test_content_length_is_sent_as_the_body_and_method_call_for_and_latin_1_valu
             assert b"X-Name: caf\xe9\r\n" in bytes(upstream.received)
 
     run(scenario)
+
+
+def test_a_large_body_arrives_whole_after_its_head_and_the_connection_is_reused() -> None:
+    """A body above JOINED_BODY_BYTES is written after the head instead of joined to it: the upstream sees the same."""
+    large = bytes(range(256)) * 1024  # 256 KiB
+
+    async def scenario() -> None:
+        async with serve(echo_targets) as upstream, started(upstream.url()) as client:
+            for target, body in (("/large", large), ("/small", b"{}")):
+                response = await client.send("POST", target, headers={"content-type": "text/plain"}, body=body)
+                assert await response.read() == target.encode()
+            first, second = upstream.requests
+            assert first.values(b"content-length") == [str(len(large)).encode()]
+            assert first.body == large
+            assert second.body == b"{}" and second.connection == first.connection
+
+    run(scenario)
