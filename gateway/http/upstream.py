@@ -1,15 +1,16 @@
 """The one upstream HTTP client: HTTP/1.1 keep-alive connections on asyncio, parsed by httptools.
 
 Why not a library. aiohttp (chosen first: several times faster than httpx here, encode/httpx#3215) spent
-~195 µs of CPU per call on this machine's cores against ~65 µs for this client, for the same `GET` of a
+~260 µs of CPU per call on this machine's cores against ~65 µs for this client, for the same `GET` of a
 1 KiB answer, and ~950 against ~290 µs when the call follows 20 ms of idleness, the gateway's usual state in
 front of MLflow (bench/RESULTS.md, section 2h). The gateway needs a small part of HTTP: requests whose body it
 already holds, to one origin, answers read whole or streamed. httptools (llhttp, also uvicorn's parser) parses
 the answers: status line, headers, chunked and Content-Length framing.
 
-Lower-level errors are translated here, once: connection failures (refused, reset, closed before an answer,
-connect timeout) become :class:`UpstreamUnavailable` (503 + Retry-After), a read that waits longer than
-``timeout`` :class:`UpstreamTimeout` (504), an answer that is not valid HTTP :class:`UpstreamError` (502).
+Lower-level errors are translated here, once: connection failures (refused, reset, closed before an answer or
+in the middle of its body, connect timeout) become :class:`UpstreamUnavailable` (503 + Retry-After), a read that
+waits longer than ``timeout`` :class:`UpstreamTimeout` (504), an answer that is not valid HTTP
+:class:`UpstreamError` (502).
 
 Retries: a GET or HEAD without a body is sent a second time, once, when the connection failed before a byte
 of the answer arrived (refused, reset, or a pooled keep-alive connection the upstream had already closed).
@@ -108,6 +109,8 @@ class UpstreamResponse:
         """Drop the connection without reading the rest of the body (nothing once it was released)."""
         connection, self._connection = self._connection, None
         if connection is not None:
+            if not self._complete and self._failure is None:  # a later read() fails instead of waiting forever
+                self._failure = _Failure("unavailable")
             connection.client.discard(connection)
 
     async def _wait(self) -> None:

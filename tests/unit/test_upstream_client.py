@@ -685,3 +685,21 @@ def test_a_large_body_arrives_whole_after_its_head_and_the_connection_is_reused(
             assert second.body == b"{}" and second.connection == first.connection
 
     run(scenario)
+
+
+def test_reading_a_closed_response_fails_instead_of_waiting() -> None:
+    """close() before the body arrived, then read(): UpstreamUnavailable at once, not a wait that never ends."""
+
+    async def scenario() -> None:
+        async def headers_only(peer: Peer) -> None:
+            if await peer.request() is not None:
+                await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+                await peer.wait_closed_by_client()
+
+        async with serve(headers_only) as upstream, started(upstream.url(), read_timeout=3.0) as client:
+            response = await client.send("GET", "/", headers={})
+            response.close()
+            with pytest.raises(UpstreamUnavailable):
+                await asyncio.wait_for(response.read(), 1.0)
+
+    run(scenario)
