@@ -77,9 +77,8 @@ class UpstreamResponse:
         """Read the whole body and release the connection."""
         started = time.perf_counter()
         self._whole = True
-        connection = self._connection
-        if connection is not None and connection.paused:
-            connection.resume()
+        if self._connection is not None:
+            self._connection.resume()
         try:
             while not self._complete:
                 await self._wait()
@@ -94,9 +93,8 @@ class UpstreamResponse:
             while True:
                 if self._chunks:
                     chunks, self._chunks, self._buffered = self._chunks, [], 0
-                    connection = self._connection
-                    if connection is not None and connection.paused:
-                        connection.resume()
+                    if self._connection is not None:
+                        self._connection.resume()
                     yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 elif self._complete:
                     return
@@ -156,7 +154,6 @@ class _Connection(asyncio.Protocol):
         if self.closed or transport is None or transport.is_closing():
             return False
         self.response, self.head, self.received, self.headers_done = response, head, False, False
-        self.last_data = self.loop.time()
         try:
             transport.write(request)
             if body is not None:  # a large body: not copied into one buffer with the head (see _request)
@@ -178,18 +175,24 @@ class _Connection(asyncio.Protocol):
             self.waiter = None
 
     def resume(self) -> None:
-        self.paused = False
-        if self.transport is not None and not self.closed:
-            self.transport.resume_reading()
+        """Read the socket again if a lagging consumer had paused it."""
+        if self.paused:
+            self.paused = False
+            if self.transport is not None and not self.closed:
+                self.transport.resume_reading()
 
     def close(self) -> None:
+        self._closed()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _closed(self) -> None:
+        """Closed, by either side: never reused, and no read timeout to watch."""
         self.closed = True
         self.keep_alive = False
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        if self.transport is not None:
-            self.transport.close()
 
     def _wake(self) -> None:
         waiter = self.waiter
@@ -234,11 +237,7 @@ class _Connection(asyncio.Protocol):
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.keep_alive = False
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self._closed()
         response = self.response
         if response is None or response._complete:
             return
@@ -247,12 +246,6 @@ class _Connection(asyncio.Protocol):
             self._wake()
             return
         self._fail(_Failure("unavailable", before_response=not self.received))
-
-    def pause_writing(self) -> None:  # requests are written whole; the transport buffers them
-        pass
-
-    def resume_writing(self) -> None:
-        pass
 
     # --- httptools callbacks
 
@@ -326,6 +319,7 @@ class UpstreamClient:
             pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
             own.append(f"authorization: Basic {base64.b64encode(pair).decode()}\r\n")
         self._own_headers = "".join(own)
+        self._own_breaks = len(own)  # line breaks in _own_headers, for the check in _request
         self.connect_timeout = connect_timeout
         self.read_timeout = timeout
         self._pool_size = pool_size
@@ -440,7 +434,7 @@ class UpstreamClient:
             lines.append("content-length: 0\r\n")
         lines.append("\r\n")
         head = "".join(lines)
-        breaks = len(lines) + self._own_headers.count("\n") - 1
+        breaks = len(lines) - 1 + self._own_breaks
         if head.count("\n") != breaks or head.count("\r") != breaks or " " in target:
             raise ValueError("a CR, LF or space in an upstream request's target or header")
         try:
