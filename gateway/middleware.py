@@ -18,9 +18,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.auth.jwt import MAX_TOKEN_BYTES, Authenticator, job_label
 from gateway.auth.principal import Principal
 from gateway.errors import BadRequest, GatewayError, HeadersTooLarge, Unauthenticated, error_body
-from gateway.observability import REQUEST_ID_HEADER, handoff_of, header_value, note_error
+from gateway.observability import REQUEST_ID_HEADER, handoff_of, note_error
 
 JOB_LABEL_HEADER = b"x-matih-job-id"
+# Authorization values remembered by AuthenticationMiddleware.handoff: at most this many, of at most this many bytes
+# (with their tokens).
+VERIFIED_VALUES_SIZE = 4096
+VERIFIED_VALUES_BYTES = 8 * 1024 * 1024
 
 
 async def send_error(send: Send, error: GatewayError, *, request_id: str | None = None) -> None:
@@ -88,14 +92,25 @@ def credential_from_headers(headers: list[tuple[bytes, bytes]]) -> str | None:
     only send a username and password (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``): the password is
     the token and the username is ignored.
     """
-    raw = None
+    raw, _ = _auth_headers(headers)
+    return None if raw is None else _credential(raw)
+
+
+def _auth_headers(headers: list[tuple[bytes, bytes]]) -> tuple[bytes | None, bytes | None]:
+    """The ``Authorization`` value (two are refused) and the first ``X-Matih-Job-Id`` value, in one pass."""
+    raw = job = None
     for key, value in headers:  # a plain loop: the cheapest on the request path
         if key == b"authorization":
             if raw is not None:
                 raise BadRequest("More than one Authorization header")
             raw = value
-    if raw is None:
-        return None
+        elif key == JOB_LABEL_HEADER and job is None:
+            job = value
+    return raw, job
+
+
+def _credential(raw: bytes) -> str:
+    """The token of an ``Authorization`` value (see :func:`credential_from_headers`)."""
     if len(raw) > MAX_TOKEN_BYTES + 16:
         raise HeadersTooLarge("Authorization header is too large")
     text = raw.decode("latin-1")
@@ -134,6 +149,12 @@ class AuthenticationMiddleware:
         self.authenticator = authenticator
         self.is_public = is_public
         self._next_handoff = handoff_of(app)
+        # Authorization values whose token was recently verified -> that token: a client sends the same value
+        # on every request, and taking the token out of it (decode, strip, hash the new string) cost more
+        # than the rest of this layer (bench/RESULTS.md section 2i). Only values of verified tokens enter;
+        # whether the token is still valid is asked of the authenticator every time.
+        self._verified_values: dict[bytes, str] = {}
+        self._verified_values_bytes = 0
 
     def handoff(self, scope: Scope) -> ASGIApp:
         """The steady state without a coroutine: a recently verified token (or a public path without one).
@@ -143,9 +164,12 @@ class AuthenticationMiddleware:
         """
         if scope["type"] != "http":
             return self
-        headers = scope["headers"]
         try:
-            token = credential_from_headers(headers)
+            raw, job = _auth_headers(scope["headers"])
+            token = None if raw is None else self._verified_values.get(raw)
+            known = token is not None
+            if raw is not None and token is None:
+                token = _credential(raw)
         except GatewayError:
             return self
         if token is None:
@@ -153,13 +177,27 @@ class AuthenticationMiddleware:
                 return self
             principal = None
         else:
-            cached = self.authenticator.recently_verified(token)
-            if cached is None:
+            principal = self.authenticator.recently_verified(token)
+            if principal is None:
                 return self
-            principal = _with_job_label(cached, headers)
+            if not known:
+                self._remember_value(raw, token)
+            if principal.job is None and job is not None:
+                principal = _with_job_label(principal, job)
         scope.setdefault("state", {})["principal"] = principal
         handoff = self._next_handoff
         return self.app if handoff is None else handoff(scope)
+
+    def _remember_value(self, raw: bytes | None, token: str) -> None:
+        """Remember a verified token's Authorization value; the oldest go first beyond the count or byte bound."""
+        if raw is None:
+            return
+        values = self._verified_values
+        values[raw] = token
+        self._verified_values_bytes += len(raw) + len(token)
+        while len(values) > VERIFIED_VALUES_SIZE or self._verified_values_bytes > VERIFIED_VALUES_BYTES:
+            oldest = next(iter(values))
+            self._verified_values_bytes -= len(oldest) + len(values.pop(oldest))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -167,7 +205,8 @@ class AuthenticationMiddleware:
             return
         state = scope.setdefault("state", {})
         try:
-            token = credential_from_headers(scope["headers"])
+            raw, job = _auth_headers(scope["headers"])
+            token = None if raw is None else _credential(raw)
             principal: Principal | None = None
             if token is None:
                 if not self.is_public(scope["path"]):
@@ -175,7 +214,8 @@ class AuthenticationMiddleware:
             else:
                 authenticator = self.authenticator
                 principal = authenticator.recently_verified(token) or await authenticator.authenticate(token)
-                principal = _with_job_label(principal, scope["headers"])
+                if principal.job is None and job is not None:
+                    principal = _with_job_label(principal, job)
         except GatewayError as error:
             await send_error(send, error, request_id=state.get("request_id"))
             return
@@ -183,9 +223,9 @@ class AuthenticationMiddleware:
         await self.app(scope, receive, send)
 
 
-def _with_job_label(principal: Principal, headers: list[tuple[bytes, bytes]]) -> Principal:
+def _with_job_label(principal: Principal, raw: bytes) -> Principal:
+    """``principal`` labelled with a well-formed ``X-Matih-Job-Id`` value (a token's own job claim is kept)."""
     if principal.job is not None:
         return principal
-    raw = header_value(headers, JOB_LABEL_HEADER)
     label = job_label(raw.decode("latin-1").strip()) if raw else None
     return dataclasses.replace(principal, job=label) if label else principal

@@ -46,7 +46,9 @@ RETRIED_METHODS = frozenset({"GET", "HEAD"})
 KEEPALIVE_SECONDS = 30.0
 STREAM_HIGH_WATER = 256 * 1024  # unread bytes of an answer not read whole above which reading the socket pauses
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # sent with Content-Length: 0 when they carry no body
-_OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})  # framing: the client's
+# Set by the client itself, whatever the caller passes: framing, and `accept-encoding: identity` (the client
+# never decodes a compressed answer; the gateway reads and rewrites bodies as they are).
+_OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "accept-encoding"})
 
 
 class _Failure(Exception):
@@ -314,7 +316,7 @@ class UpstreamClient:
         host = f"[{self._host}]" if ":" in self._host else self._host
         if parts.port is not None:
             host += f":{parts.port}"
-        own = [f"host: {host}\r\n"]
+        own = [f"host: {host}\r\n", "accept-encoding: identity\r\n"]
         if parts.username is not None:  # credentials in the URL: Basic authentication, as browsers and aiohttp do
             pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
             own.append(f"authorization: Basic {base64.b64encode(pair).decode()}\r\n")

@@ -7,8 +7,13 @@ whenever it has more to do than a check (a token to verify, a refusal, a page, a
 from __future__ import annotations
 
 import asyncio
+import base64
+import time
 from typing import Any
 
+import pytest
+
+from gateway import middleware
 from gateway.app import create_app
 from gateway.auth.jwt import Authenticator
 from gateway.middleware import AuthenticationMiddleware
@@ -82,3 +87,32 @@ def test_the_served_chain_hands_an_api_call_with_a_cached_token_to_the_pipeline(
     scope = _scope(headers=[(b"authorization", f"Bearer {token}".encode())])
     assert handoff(scope) is auth.app and scope["state"]["principal"].tenant == "acme"
     assert handoff_of(_inner) is None
+
+
+def _basic(user: str, token: str) -> bytes:
+    return b"Basic " + base64.b64encode(f"{user}:{token}".encode())
+
+
+def test_authorization_values_of_verified_tokens_are_remembered_bounded_and_rechecked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    layer, authenticator = _auth_layer()
+    token = raw_token(TOKEN_CLAIMS)
+    bearer = f"Bearer {token}".encode()
+    layer.handoff(_scope(headers=[(b"authorization", bearer)]))
+    assert layer._verified_values == {}  # never verified: nothing remembered
+    asyncio.run(authenticator.authenticate(token))
+    monkeypatch.setattr(middleware, "VERIFIED_VALUES_SIZE", 2)
+    values = [bearer, _basic("a", token), _basic("b", token)]
+    for _ in range(2):
+        for value in values:  # each value, parsed or remembered, names the same verified token
+            scope = _scope(headers=[(b"authorization", value)])
+            assert layer.handoff(scope) is _inner and scope["state"]["principal"].tenant == "acme"
+    assert list(layer._verified_values) == values[1:]  # bounded: the oldest went first
+    assert set(layer._verified_values.values()) == {token}
+    assert layer._verified_values_bytes == sum(len(value) + len(token) for value in values[1:])
+    # A remembered value is no shortcut past verification: once the token's verification is stale, the layer
+    # (which verifies again, and refuses an expired token) serves the request.
+    monkeypatch.setattr(authenticator, "_clock", lambda: time.time() + 3600 * 24)
+    scope = _scope(headers=[(b"authorization", values[2])])
+    assert layer.handoff(scope) is layer and "principal" not in scope["state"]
