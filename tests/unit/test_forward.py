@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from gateway.http.forward import WHOLE_BODY_BYTES, send_upstream_response
+from gateway.http.canonical import parse_query
+from gateway.http.forward import WHOLE_BODY_BYTES, encode_query, send_upstream_response
 from gateway.policy.core import Policy
 
 
@@ -121,3 +122,24 @@ def test_a_malformed_content_length_is_not_trusted_for_reading_whole() -> None:
     messages = relay(response)
     assert response.taken == ["stream", "closed"]
     assert body_of(messages) == b"z" * 10
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ({"run_id": ["0123abcdef"]}, "run_id=0123abcdef"),  # the one-id fast path
+        ({"run_id": [""]}, "run_id="),
+        ({"run_id": ["a b"]}, "run_id=a%20b"),
+        ({"run_id": ["a&b=c"]}, "run_id=a%26b%3Dc"),  # cannot start another parameter
+        ({"run_id": ["\u0661\u0662"]}, "run_id=%D9%A1%D9%A2"),  # Arabic-Indic digits: alnum, not ASCII
+        ({"\u043a\u043b\u044e\u0447": ["1"]}, "%D0%BA%D0%BB%D1%8E%D1%87=1"),  # an identifier, not ASCII
+        ({"a b": ["1"]}, "a%20b=1"),
+        ({"run_id": ["1", "2"]}, "run_id=1&run_id=2"),
+        ({"run_id": ["1"], "path": ["x/y"]}, "run_id=1&path=x%2Fy"),
+    ],
+)
+def test_a_checked_query_is_re_encoded_so_the_upstream_reads_the_same_values(
+    query: dict[str, list[str]], expected: str
+) -> None:
+    assert encode_query(query) == expected
+    assert parse_query(expected.encode()) == query  # what the upstream parses back is what was checked
