@@ -81,14 +81,8 @@ def parse_query(raw_query: bytes) -> Query:
     if not raw_query:
         return query
     if _PERCENT not in raw_query and _PLUS not in raw_query:
-        # Nothing to unescape (most queries): decode and check the whole string once, not part by part
-        # (what _decode_query_component does, without the call).
-        try:
-            text = raw_query.decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadRequest("Query string is not valid UTF-8") from None
-        if "\x00" in text:
-            raise BadRequest("Query string contains a NUL character")
+        # Nothing to unescape (most queries): decode and check the whole string once, not part by part.
+        text = _decode_query_component(raw_query)
         for item in text.split("&"):
             if item:
                 name, _, text_value = item.partition("=")
