@@ -385,7 +385,9 @@ class ObservabilityMiddleware:
             line = {
                 # Rounded to 3 decimals inline (non-negative values): a function call per figure cost
                 # as much as the arithmetic, and round(value, 3) three times more (bench/RESULTS.md 2e).
-                "ts": int(time.time() * 1000 + 0.5) / 1000,
+                # `// 1.0` and float constants: int(...) / 1000 gives the same float (every value is below
+                # 2**53) for ~0.5 k instructions more per figure (2i).
+                "ts": (time.time() * 1e3 + 0.5) // 1.0 / 1e3,
                 "request_id": record.request_id,
                 "tenant": tenant,
                 "user": user,
@@ -393,8 +395,8 @@ class ObservabilityMiddleware:
                 "route": route,
                 "path": record.path[:_MAX_LOGGED_TEXT],
                 "status": status,
-                "latency_ms": int(elapsed * 1_000_000 + 0.5) / 1000,
-                "upstream_ms": int(record.upstream_seconds * 1_000_000 + 0.5) / 1000,
+                "latency_ms": (elapsed * 1e6 + 0.5) // 1.0 / 1e3,
+                "upstream_ms": (record.upstream_seconds * 1e6 + 0.5) // 1.0 / 1e3,
                 "upstream_calls": record.upstream_calls,
                 "bytes_in": record.bytes_in,
                 "bytes_out": record.bytes_out,

@@ -171,6 +171,8 @@ def test_one_access_line_per_request_with_its_fields(client: httpx.Client, fake:
     assert line["upstream_calls"] == len(fake.calls()) >= 1
     assert 0 < line["upstream_ms"] <= line["latency_ms"]
     assert abs(line["ts"] - time.time()) < 60
+    for figure in ("ts", "latency_ms", "upstream_ms"):  # rounded to the microsecond (ts: the millisecond)
+        assert isinstance(line[figure], float) and line[figure] == round(line[figure], 3)
 
 
 def test_every_request_gets_exactly_one_line(client: httpx.Client, logs: LogLines) -> None:
