@@ -132,7 +132,7 @@ class Gateway:
                 raise GatewayError("Gateway is not started")
             method: str = scope["method"]
             raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
-            match = self.table.static_raw.get((method, raw_path))  # match_static_raw(), without the call
+            match = self.table.match_static_raw(method, raw_path)
             if match is not None:
                 path = match.route.template  # the request path is this template, byte for byte
             else:

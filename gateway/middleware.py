@@ -166,10 +166,10 @@ class AuthenticationMiddleware:
             return self
         try:
             raw, job = _auth_headers(scope["headers"])
-            token = None if raw is None else self._verified_values.get(raw)
-            known = token is not None
-            if raw is not None and token is None:
-                token = _credential(raw)
+            remembered = token = None
+            if raw is not None:
+                remembered = self._verified_values.get(raw)
+                token = remembered or _credential(raw)
         except GatewayError:
             return self
         if token is None:
@@ -180,18 +180,15 @@ class AuthenticationMiddleware:
             principal = self.authenticator.recently_verified(token)
             if principal is None:
                 return self
-            if not known:
+            if raw is not None and remembered is None:
                 self._remember_value(raw, token)
-            if principal.job is None and job is not None:
-                principal = _with_job_label(principal, job)
+            principal = _with_job_label(principal, job)
         scope.setdefault("state", {})["principal"] = principal
         handoff = self._next_handoff
         return self.app if handoff is None else handoff(scope)
 
-    def _remember_value(self, raw: bytes | None, token: str) -> None:
+    def _remember_value(self, raw: bytes, token: str) -> None:
         """Remember a verified token's Authorization value; the oldest go first beyond the count or byte bound."""
-        if raw is None:
-            return
         values = self._verified_values
         values[raw] = token
         self._verified_values_bytes += len(raw) + len(token)
@@ -214,8 +211,7 @@ class AuthenticationMiddleware:
             else:
                 authenticator = self.authenticator
                 principal = authenticator.recently_verified(token) or await authenticator.authenticate(token)
-                if principal.job is None and job is not None:
-                    principal = _with_job_label(principal, job)
+                principal = _with_job_label(principal, job)
         except GatewayError as error:
             await send_error(send, error, request_id=state.get("request_id"))
             return
@@ -223,7 +219,7 @@ class AuthenticationMiddleware:
         await self.app(scope, receive, send)
 
 
-def _with_job_label(principal: Principal, raw: bytes) -> Principal:
+def _with_job_label(principal: Principal, raw: bytes | None) -> Principal:
     """``principal`` labelled with a well-formed ``X-Matih-Job-Id`` value (a token's own job claim is kept)."""
     if principal.job is not None:
         return principal

@@ -160,10 +160,10 @@ class RequestRecord:
         method: str,
         path: str,
         started: float,
+        send: Send,
+        receive: Receive,
         metrics: GatewayMetrics | None = None,
         client: str = "unknown",
-        send: Send | None = None,
-        receive: Receive | None = None,
     ) -> None:
         self.request_id = request_id
         self.method = method
@@ -203,12 +203,10 @@ class RequestRecord:
             headers += SECURITY_HEADERS
             headers.append((REQUEST_ID_HEADER, self.request_id.encode()))
             message["headers"] = headers
-        assert self._send is not None, "a record made without the server's send"
         return self._send(message)
 
     async def receive(self) -> Message:
         """The server's ``receive`` for the inner layers, counting request body bytes."""
-        assert self._receive is not None, "a record made without the server's receive"
         message = await self._receive()
         if message["type"] == "http.request":
             self.bytes_in += len(message.get("body", b""))
@@ -318,25 +316,13 @@ class ObservabilityMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = header_value(scope["headers"], REQUEST_ID_HEADER)
-        request_id = (
-            incoming.decode()
-            if incoming and _REQUEST_ID.match(incoming)
-            else hex(_request_id_base + next(_request_id_counter))[2:]  # new_request_id(), without the call
-        )
+        request_id = incoming.decode() if incoming and _REQUEST_ID.match(incoming) else new_request_id()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         path: str = scope["path"]
         method: str = scope["method"]
-        client = scope.get("client")  # client_address(), without the call
         record = RequestRecord(
-            request_id,
-            method,
-            path,
-            perf_counter(),
-            self.metrics,
-            str(client[0]) if client else "unknown",
-            send,
-            receive,
+            request_id, method, path, perf_counter(), send, receive, self.metrics, client_address(scope)
         )
         context = _current.set(record)
         self.metrics.request_started()
@@ -402,10 +388,7 @@ class ObservabilityMiddleware:
                 "bytes_out": record.bytes_out,
                 "error_code": record.error_code,
             }
-            data = orjson.dumps(line)
-            handler = _own_handler  # write_access_line(data), without the call
-            if handler is None or not handler.write_line(data):
-                _access_fallback(data)
+            write_access_line(orjson.dumps(line))
 
     def _route_of(self, scope: Scope) -> str:
         """The route template of a request answered before the pipeline matched it (or ``unmatched``)."""
@@ -545,12 +528,8 @@ def write_access_line(line: str | bytes) -> None:
     """
     data = line.encode("utf-8") if isinstance(line, str) else line
     handler = _own_handler
-    if handler is None or not handler.write_line(data):
-        _access_fallback(data)
-
-
-def _access_fallback(data: bytes) -> None:
-    """An access-log line the gateway's own handler did not take: a normal record, if the logger lets it out."""
+    if handler is not None and handler.write_line(data):
+        return
     if access_logger.isEnabledFor(logging.INFO):
         _access_record(data.decode("utf-8"))
 

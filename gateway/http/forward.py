@@ -22,6 +22,7 @@ from gateway.errors import GatewayError, redact_internal_details
 from gateway.http.canonical import Query, dump_json
 from gateway.http.upstream import UpstreamResponse
 from gateway.middleware import client_disconnect
+from gateway.observability import client_address
 from gateway.policy.core import Exchange, Policy
 
 # Client headers that may be passed upstream (lower-case), with the name they are sent under.
@@ -108,8 +109,7 @@ def upstream_headers(scope: Scope, ex: Exchange, *, content_type: str | None) ->
     # Always set: MLflow's assistant trusts loopback callers without X-Forwarded-For (mlflow-api §9g).
     # No X-Forwarded-Proto: the gateway serves plain HTTP (TLS ends in front of it), so it could only
     # ever say "http", which is what MLflow assumes without it. A client's X-Forwarded-* never passes.
-    client = scope.get("client")  # client_address(scope), without the call
-    headers["x-forwarded-for"] = client[0] if client else "unknown"
+    headers["x-forwarded-for"] = client_address(scope)
     headers["x-request-id"] = ex.request_id
     # accept-encoding: identity is the UpstreamClient's own header.
     if content_type:
@@ -171,7 +171,7 @@ async def send_upstream_response(
     if response.status < 400 and not (policy.response and is_json):  # no rewriting step: not buffered
         if length is not None:
             headers.append((b"content-length", length))
-            if length.isdigit() and int(length) <= WHOLE_BODY_BYTES:  # read_whole(length), without the call
+            if read_whole(length):
                 # Small and of known size (most API answers): read it whole and send it as one message,
                 # one pass through the send chain instead of three (bench/RESULTS.md, section 2c).
                 whole = await response.read()

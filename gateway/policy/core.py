@@ -133,10 +133,7 @@ class Exchange:
     @property
     def tenant(self) -> str:
         """The caller's tenant (from the verified token)."""
-        principal = self.principal  # self.caller.tenant, without a second property call
-        if principal is None:
-            raise Unauthenticated("Authentication required: send 'Authorization: Bearer <token>'")
-        return principal.tenant
+        return self.caller.tenant
 
     def json_body(self) -> JsonObject:
         """The request body of a JSON route (an empty object when the client sent none)."""

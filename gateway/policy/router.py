@@ -99,8 +99,7 @@ class RouteTable:
     def __init__(self, routes: Iterable[Route]) -> None:
         self._routes: list[Route] = []
         self._static: dict[tuple[str, str], Match] = {}
-        # The same, by the path's bytes as received: read directly by Gateway.__call__ (match_static_raw).
-        self.static_raw: dict[tuple[str, bytes], Match] = {}
+        self._static_raw: dict[tuple[str, bytes], Match] = {}  # the same, by the path's bytes as received
         self._templated: dict[str, list[tuple[re.Pattern[str], Route]]] = {}
         for route in routes:
             key = (route.method, route.template)
@@ -117,7 +116,7 @@ class RouteTable:
                     # A request path equal to a static template is taken as it is (match_static_raw).
                     raise ValueError(f"static route {route.template!r} is not a canonical path")
                 self._static[key] = match = Match(route, {})
-                self.static_raw[(route.method, route.template.encode("ascii"))] = match
+                self._static_raw[(route.method, route.template.encode("ascii"))] = match
 
     def _by(self, method: str) -> list[tuple[re.Pattern[str], Route]]:
         return self._templated.get(method, [])
@@ -129,7 +128,7 @@ class RouteTable:
         or dot segment: :data:`_PLAIN_TEMPLATE` and the canonical rules), so a request path that is
         byte for byte a template needs no decoding or checking: most requests (bench/RESULTS.md 2e).
         """
-        return self.static_raw.get((method, raw_path))
+        return self._static_raw.get((method, raw_path))
 
     def match(self, method: str, path: str) -> Match | None:
         """The entry for a canonical path, or ``None`` (which the caller refuses)."""

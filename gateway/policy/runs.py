@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable
 
 from gateway.errors import BadRequest
-from gateway.http.canonical import JsonObject, Query
+from gateway.http.canonical import JsonObject
 from gateway.policy.core import Access, Body, Exchange, Policy, RequestStep
 from gateway.policy.experiments import require_owned_experiment
 from gateway.policy.ownership import Ownership
@@ -29,22 +29,7 @@ def require_owned_run(field: str = "run_id", *, aliases: tuple[str, ...] = RUN_I
     """Check the run named by ``field`` (or its alias) is in one of the tenant's experiments."""
 
     def step(ex: Exchange) -> Awaitable[None] | None:
-        # The usual request names the run once, under ``field`` and no alias: read without the general
-        # helper (three calls); anything else, which it checks and may refuse, goes to require_string.
-        body = ex.body
-        fields: JsonObject | Query
-        if body is None:
-            fields = ex.query
-            values = fields.get(field)
-            run_id = values[0] if values is not None and len(values) == 1 else None
-        else:
-            fields = body
-            run_id = body.get(field)
-        for alias in aliases:
-            if alias in fields:
-                run_id = None
-        if not run_id or type(run_id) is not str:
-            run_id = require_string(ex, field, aliases=aliases)
+        run_id = require_string(ex, field, aliases=aliases)
         ownership, tenant = ex.services.ownership, ex.tenant
         experiment_id = ownership.cached_owned_run(tenant, run_id)  # the steady state: no coroutine
         if experiment_id is None:

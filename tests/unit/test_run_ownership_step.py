@@ -1,6 +1,7 @@
 """The run-ownership step reads the run id exactly as MLflow's handlers do (``run_id`` or its alias ``run_uuid``).
 
-Its fast path (one ``run_id``, no alias) and the general helper must name the same run and refuse the same requests.
+``require_string``'s fast path (one ``run_id``, no alias) and ``field_value`` must name the same run and refuse the
+same requests.
 """
 
 from __future__ import annotations
