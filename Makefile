@@ -56,8 +56,8 @@ test: install client2 system-deps lint
 	$(BIN)/python -m pytest
 
 # Benchmarks (bench/README.md, figures in bench/RESULTS.md). `make bench` runs the quick version of each (about
-# 9 minutes); the bench-* targets run the full ones, with BENCH_ARGS passed on (e.g. BENCH_ARGS="--rounds 5").
-.PHONY: bench-deps bench-passthrough bench-tracking bench-overhead bench-inprocess bench-instructions bench-scale
+# 13 minutes); the bench-* targets run the full ones, with BENCH_ARGS passed on (e.g. BENCH_ARGS="--rounds 5").
+.PHONY: bench-deps bench-passthrough bench-tracking bench-overhead bench-inprocess bench-instructions bench-parts bench-scale
 
 # wrk drives bench/overhead.py, valgrind bench/instructions.py: Debian's packages, installed when missing and root
 # (like system-deps).
@@ -73,6 +73,7 @@ bench: install bench-deps
 	$(BIN)/python bench/overhead.py --quick
 	$(BIN)/python bench/inprocess.py --quick
 	$(BIN)/python bench/instructions.py --quick
+	$(BIN)/python bench/parts.py --quick
 	$(BIN)/python bench/scale.py --quick
 	$(BIN)/python bench/artifacts.py --quick
 
@@ -90,6 +91,9 @@ bench-inprocess: install
 
 bench-instructions: install bench-deps
 	$(BIN)/python bench/instructions.py $(BENCH_ARGS)
+
+bench-parts: install bench-deps
+	$(BIN)/python bench/parts.py $(BENCH_ARGS)
 
 bench-scale: install
 	$(BIN)/python bench/scale.py $(BENCH_ARGS)
