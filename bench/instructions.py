@@ -157,6 +157,18 @@ def main_orchestrator(args: argparse.Namespace) -> int:
     return 0
 
 
+def report_head(benchmark: str, per_request: dict[str, float], args: argparse.Namespace) -> dict[str, Any]:
+    """What a report of counted instructions starts with (this benchmark's and ``parts.py``'s)."""
+    return {
+        "benchmark": benchmark,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "requests": args.requests,
+        "warmup": args.warmup,
+        "machine": machine(),
+        "instructions_per_request_k": {name: round(value / 1000, 1) for name, value in per_request.items()},
+    }
+
+
 def build_report(per_request: dict[str, float], args: argparse.Namespace) -> dict[str, Any]:
     base = per_request.get("passthrough")
     ratios = {name: round(value / base, 3) for name, value in per_request.items()} if base else {}
@@ -170,12 +182,7 @@ def build_report(per_request: dict[str, float], args: argparse.Namespace) -> dic
             "rest_k": round((per_request["gateway"] - per_request["passthrough"] - headers - access_log) / 1000, 1),
         }
     return {
-        "benchmark": "instructions",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "requests": args.requests,
-        "warmup": args.warmup,
-        "machine": machine(),
-        "instructions_per_request_k": {name: round(value / 1000, 1) for name, value in per_request.items()},
+        **report_head("instructions", per_request, args),
         "ratio_over_passthrough": ratios,
         # At equal instructions per second, req/s goes as 1 / instructions per request.
         "implied_gateway_over_passthrough_rps": round(1 / ratios["gateway"], 3) if "gateway" in ratios else None,

@@ -43,7 +43,6 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +52,9 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import log, machine
+from common import log
 from inprocess import SECRET, CannedResponse, CannedUpstream, _scope, _start
-from instructions import instructions_in
+from instructions import instructions_in, report_head
 from overhead import CANNED_RUN, TENANT, PassthroughProxy
 
 from gateway.app import Gateway, create_app
@@ -320,12 +319,7 @@ def build_report(per_request: dict[str, float], args: argparse.Namespace) -> dic
         }
         split["rest"] = round(own - sum(split.values()), 1)
     return {
-        "benchmark": "parts",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "requests": args.requests,
-        "warmup": args.warmup,
-        "machine": machine(),
-        "instructions_per_request_k": {name: round(value / 1000, 1) for name, value in per_request.items()},
+        **report_head("parts", per_request, args),
         "gateway_own_work_k": own,
         "parts_taken_away_k": parts,
         "gateway_own_work_split_k": split,
