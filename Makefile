@@ -59,7 +59,7 @@ test: install client2 system-deps lint
 # 13 minutes); the bench-* targets run the full ones, with BENCH_ARGS passed on (e.g. BENCH_ARGS="--rounds 5").
 .PHONY: bench-deps bench-passthrough bench-tracking bench-overhead bench-inprocess bench-instructions bench-parts bench-scale
 
-# wrk drives bench/overhead.py, valgrind bench/instructions.py: Debian's packages, installed when missing and root
+# wrk drives bench/overhead.py, valgrind bench/instructions.py and bench/parts.py: Debian's packages, installed when missing and root
 # (like system-deps).
 bench-deps:
 	@if command -v wrk >/dev/null 2>&1 && command -v callgrind_control >/dev/null 2>&1; then :; \
