@@ -152,10 +152,14 @@ async def _start(app: Any) -> tuple[asyncio.Queue[dict[str, Any]], asyncio.Task[
     return inbox, task
 
 
-def _inner_gateway(app: Any) -> Gateway:
-    while not isinstance(app, Gateway):
-        app = app.app
-    return app
+def layer_of(app: Any, kind: type) -> Any:
+    """The layer of type ``kind`` in the gateway's middleware chain (each layer keeps the next as ``.app``)."""
+    layer = app
+    while not isinstance(layer, kind):
+        layer = getattr(layer, "app", None)
+        if layer is None:
+            raise RuntimeError(f"no {kind.__name__} in the gateway's middleware chain")
+    return layer
 
 
 async def measure(args: argparse.Namespace, log_stream: Any) -> dict[str, Any]:
@@ -164,7 +168,7 @@ async def measure(args: argparse.Namespace, log_stream: Any) -> dict[str, Any]:
     token = mint_token(secret=SECRET, tenant=TENANT, user="alice", ttl_seconds=3600)
     gateway_app = create_app(Settings(upstream_url="http://127.0.0.1:9", jwt_secret=SECRET, access_log=args.access_log))
     inbox, lifespan = await _start(gateway_app)
-    gateway = _inner_gateway(gateway_app)
+    gateway: Gateway = layer_of(gateway_app, Gateway)
     canned = CannedUpstream()
     assert gateway.services is not None
     gateway.services = dataclasses.replace(gateway.services, upstream=canned)  # type: ignore[arg-type]

@@ -72,6 +72,26 @@ def instructions_in(dump: bytes) -> int:
     return int(match.group(1))
 
 
+def require_valgrind() -> None:
+    """Exit with a clear message when valgrind's tools are not installed."""
+    for tool in ("valgrind", "callgrind_control"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"error: {tool} is missing (apt-get install valgrind)")
+
+
+def callgrind_control(flag: str, pid: int) -> None:
+    """``callgrind_control <flag> <pid>``: ``-z`` zeroes a process's counters, ``-d`` dumps them."""
+    subprocess.run(["callgrind_control", flag, str(pid)], check=True, capture_output=True)
+
+
+def dumped_instructions(dump: Path, where: str) -> int:
+    """The count of the first dump made on request for ``--callgrind-out-file=<dump>`` (``<dump>.<n>``)."""
+    dumps = sorted(dump.parent.glob(f"{dump.name}.*"))
+    if not dumps:
+        raise RuntimeError(f"callgrind wrote no dump ({where})")
+    return instructions_in(dumps[0].read_bytes())
+
+
 def _server_argv(target: str, port: int, upstream: str) -> list[str]:
     if target.startswith("passthrough"):
         role = "passthrough-gateway-headers" if target == "passthrough_gateway_headers" else "passthrough"
@@ -119,21 +139,16 @@ def measure(target: str, upstream: str, secret: str, token: str, args: argparse.
         headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
         try:
             _send(connection, args.warmup, headers)  # also caches the run's owner in the gateway
-            subprocess.run(["callgrind_control", "-z", str(process.pid)], check=True, capture_output=True)
+            callgrind_control("-z", process.pid)
             _send(connection, args.requests, headers)
-            subprocess.run(["callgrind_control", "-d", str(process.pid)], check=True, capture_output=True)
+            callgrind_control("-d", process.pid)
         finally:
             connection.close()
-    dumps = sorted(workdir.glob(f"{target}.callgrind.*"))  # the dump made on request: <file>.<n>
-    if not dumps:
-        raise RuntimeError(f"{target}: callgrind wrote no dump (log: {workdir / (target + '.log')})")
-    return instructions_in(dumps[0].read_bytes())
+    return dumped_instructions(dump, f"{target}; log: {workdir / (target + '.log')}")
 
 
 def main_orchestrator(args: argparse.Namespace) -> int:
-    for tool in ("valgrind", "callgrind_control"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"error: {tool} is missing (apt-get install valgrind)")
+    require_valgrind()
     secret = secrets.token_urlsafe(48)
     token = mint_token(secret=secret, tenant=TENANT, user="alice", ttl_seconds=24 * 3600)
     workdir = Path(tempfile.mkdtemp(prefix="bench-instructions-"))

@@ -53,8 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import log
-from inprocess import SECRET, CannedResponse, CannedUpstream, _scope, _start
-from instructions import instructions_in, report_head
+from inprocess import SECRET, CannedResponse, CannedUpstream, _scope, _start, layer_of
+from instructions import callgrind_control, dumped_instructions, report_head, require_valgrind
 from overhead import CANNED_RUN, TENANT, PassthroughProxy
 
 from gateway.app import Gateway, create_app
@@ -132,18 +132,8 @@ class LineCounter:
         return None
 
 
-def _layer(app: Any, kind: type) -> Any:
-    """The layer of type ``kind`` in the gateway's middleware chain (each layer keeps the next as ``.app``)."""
-    layer = app
-    while not isinstance(layer, kind):
-        layer = getattr(layer, "app", None)
-        if layer is None:
-            raise RuntimeError(f"no {kind.__name__} in the gateway's middleware chain")
-    return layer
-
-
 def _without_front_layer(app: Any) -> Any:
-    front = _layer(app, ObservabilityMiddleware)
+    front = layer_of(app, ObservabilityMiddleware)
     handoff = front._handoff  # what the front layer calls next for a request it passes on
 
     async def inner(scope: Any, receive: Any, send: Any) -> None:
@@ -154,9 +144,9 @@ def _without_front_layer(app: Any) -> Any:
 
 
 def _token_as_constant(app: Any) -> Any:
-    ui = _layer(app, UiMiddleware)
-    auth = _layer(app, AuthenticationMiddleware)
-    gateway = _layer(app, Gateway)
+    ui = layer_of(app, UiMiddleware)
+    auth = layer_of(app, AuthenticationMiddleware)
+    gateway = layer_of(app, Gateway)
     verify_once = auth.handoff
     verified: list[Any] = []
 
@@ -175,7 +165,7 @@ def _token_as_constant(app: Any) -> Any:
 
 
 def _without_ui_layer(app: Any) -> Any:
-    _layer(app, ObservabilityMiddleware)._handoff = _layer(app, AuthenticationMiddleware).handoff
+    layer_of(app, ObservabilityMiddleware)._handoff = layer_of(app, AuthenticationMiddleware).handoff
     return app
 
 
@@ -210,10 +200,6 @@ async def _call(app: Any, token: str) -> tuple[int, list[bytes], bytes]:
     return started.get("status", 0), [name for name, _ in started.get("headers", ())], b"".join(body)
 
 
-def _callgrind(flag: str) -> None:
-    subprocess.run(["callgrind_control", flag, str(os.getpid())], check=True, capture_output=True)
-
-
 async def run_variant(variant: str, *, warmup: int, requests: int, count: bool) -> dict[str, Any]:
     """Serve ``warmup`` + ``requests`` requests with one variant; under callgrind (``count``), count the latter."""
     stream = LineCounter()
@@ -230,7 +216,7 @@ async def run_variant(variant: str, *, warmup: int, requests: int, count: bool) 
         settings = Settings(upstream_url="http://127.0.0.1:9", jwt_secret=SECRET, access_log=variant != "no_access_log")
         app = create_app(settings)
         inbox, lifespan = await _start(app)
-        gateway = _layer(app, Gateway)
+        gateway = layer_of(app, Gateway)
         assert gateway.services is not None
         gateway.services = dataclasses.replace(gateway.services, upstream=upstream)  # type: ignore[arg-type]
         gateway.services.ownership._upstream = upstream  # type: ignore[assignment]
@@ -247,14 +233,14 @@ async def run_variant(variant: str, *, warmup: int, requests: int, count: bool) 
             raise RuntimeError(f"{variant} answered {status}: {body[:200]!r}")
     await asyncio.sleep(0.2)
     if count:
-        _callgrind("-z")
+        callgrind_control("-z", os.getpid())
     for i in range(requests):
         await _call(app, token)
         if i & 63 == 0:
             await asyncio.sleep(0)  # let the access log's batch timer run, as the event loop would
     await asyncio.sleep(0.1)
     if count:
-        _callgrind("-d")
+        callgrind_control("-d", os.getpid())
     if stop is not None:
         await stop()
     logging.getLogger("gateway").handlers[0].flush()
@@ -293,10 +279,7 @@ def measure(variant: str, args: argparse.Namespace, workdir: Path) -> float:
     if done.returncode != 0:
         tail = done.stderr.decode(errors="replace")[-2000:]
         raise RuntimeError(f"{variant}: the counted run failed (exit code {done.returncode}): {tail}")
-    dumps = sorted(workdir.glob(f"{variant}.callgrind.*"))  # the dump made on request: <file>.<n>
-    if not dumps:
-        raise RuntimeError(f"{variant}: callgrind wrote no dump")
-    return instructions_in(dumps[0].read_bytes()) / args.requests
+    return dumped_instructions(dump, variant) / args.requests
 
 
 def build_report(per_request: dict[str, float], args: argparse.Namespace) -> dict[str, Any]:
@@ -337,9 +320,7 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def main_orchestrator(args: argparse.Namespace) -> int:
-    for tool in ("valgrind", "callgrind_control"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"error: {tool} is missing (apt-get install valgrind)")
+    require_valgrind()
     workdir = Path(tempfile.mkdtemp(prefix="bench-parts-"))
     per_request: dict[str, float] = {}
     try:
